@@ -1,0 +1,195 @@
+"""Infinity as a loop backbone: its parts, as the official ``autoregressive_infer_cfg`` composes them.
+
+Spec: ``shared/specs/infinity.md`` §2 (conditioning), §6 (inference loop), §8 (precision), §9 (defaults).
+Official: FoundationVision/Infinity @4c27bbb5 ``Infinity.autoregressive_infer_cfg``,
+``sample_with_top_k_top_p_also_inplace_modifying_logits_`` (ours is out of place: hooks see unedited logits).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nova.backbones.base import BackboneSpec
+from nova.backbones.infinity.model import InfinityTransformer, KVCache, TextMemory
+from nova.backbones.infinity.schedules import Schedule, rope_cos_sin, rope_positions
+from nova.backbones.infinity.vae import BSQVAE, bits_to_codes
+
+
+@dataclass
+class Sampling:
+    """Official inference settings (spec §9). ``cfg``/``tau``: a number, or one value per scale.
+
+    ``cfg_insertion_layer``: 0 = CFG on logits (official default); k < 0 = mix hidden states after block depth+k.
+    """
+
+    cfg: float | list = 3.0
+    tau: float | list = 1.0
+    top_k: int = 900
+    top_p: float = 0.97
+    cfg_insertion_layer: int = 0
+
+    def per_scale(self, value, si: int) -> float:
+        return float(value[si] if isinstance(value, (list, tuple)) else value)
+
+
+@dataclass
+class InfinityCond:
+    sos: torch.Tensor             # pooled text [rows, C] (the head's condition)
+    gss: torch.Tensor             # shared AdaLN [rows, 1, 6, C]
+    mem: TextMemory               # cross-attention memory
+    batch: int                    # images B
+    rows: int                     # B, or 2B with CFG
+
+
+@dataclass
+class InfinityState:
+    summed: torch.Tensor | float = 0.0                 # [B, cd, 1, H, W] accumulated codes (VAE grid)
+    bits: list = field(default_factory=list)           # sampled bits per scale [B, h*w, d]
+
+
+def sample_bits(logits_BLV: torch.Tensor, top_k: int, top_p: float, rng) -> torch.Tensor:
+    """Sample every bit of [B, L, 2d] logits: top-k (clipped to 2, so a no-op at 900), top-p, one multinomial.
+
+    Top-p (official): sort ascending, drop entries whose cumulative softmax <= 1 - top_p, always keep the largest;
+    for a pair this makes a bit deterministic when its minority probability is <= 1 - top_p.
+    """
+    B, L, V = logits_BLV.shape
+    x = logits_BLV.reshape(B, -1, 2).float()
+    if 0 < top_k < 2:
+        x = x.masked_fill(x < x.topk(top_k, dim=-1).values.amin(-1, keepdim=True), float("-inf"))
+    if top_p > 0:
+        srt, idx = x.sort(dim=-1, descending=False)
+        remove = srt.softmax(-1).cumsum(-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        x = x.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    draws = torch.multinomial(x.softmax(-1).view(-1, 2), 1, replacement=True, generator=rng)
+    return draws.view(B, L, V // 2).to(torch.uint8)
+
+
+class InfinityBackbone:
+    """Transformer + BSQ-VAE + text encoder + schedule + sampling settings."""
+
+    def __init__(self, transformer: InfinityTransformer, vae: BSQVAE, text_encoder, schedule: Schedule,
+                 sampling: Sampling, patchify: bool = False, device="cpu", dtype: str = "fp32", name="infinity"):
+        self.model, self.vae, self.text, self.schedule = transformer, vae, text_encoder, schedule
+        self.sampling, self.patchify = sampling, patchify
+        self.forced_bits: list | None = None  # replay recorded bits instead of sampling (fixture checks)
+        self.device, self.dtype = torch.device(device), dtype
+        m = transformer
+        self.spec = BackboneSpec(name, m.depth, m.C, m.num_heads, "bitwise", m.d_bits, ("sa", "ca", "ffn"))
+        self._scales = schedule.scales
+        self._cos_sin = rope_cos_sin(rope_positions(schedule), m.head_dim).to(self.device)
+        f = 2 if patchify else 1
+        self.vae_hws = [(h * f, w * f) for h, w in schedule.hws]
+        if dtype == "bf16":  # official: blocks in bf16, everything else fp32, generation under autocast (§8)
+            for b in m.blocks:
+                b.bfloat16()
+
+    # ---- loop parts ----
+    def scales(self):
+        return self._scales
+
+    def precision(self):
+        if self.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _cfg(self, si: int) -> float:
+        return self.sampling.per_scale(self.sampling.cfg, si)
+
+    def condition(self, prompts: list[str]) -> InfinityCond:
+        kv, lens = self.text(prompts)
+        kv = kv.to(self.device)
+        B = len(prompts)
+        use_cfg = any(self._cfg(s.si) != 1 for s in self._scales)
+        if use_cfg:  # uncond = cfg_uncond[:len_i] per prompt, appended after the cond rows (spec §2)
+            kv, lens = torch.cat((kv, self.model.uncond_text(lens).to(kv.dtype)), 0), lens + lens
+        sos, gss, mem = self.model.encode_text(kv, lens)
+        return InfinityCond(sos, gss, mem, B, len(lens))
+
+    def cond_only(self, cond: InfinityCond) -> InfinityCond:
+        B = cond.batch
+        return InfinityCond(cond.sos[:B], cond.gss[:B], cond.mem.rows(B), B, B)
+
+    def init_state(self, cond) -> InfinityState:
+        return InfinityState()
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache()
+
+    def scale_input(self, state: InfinityState, cond: InfinityCond, scale) -> torch.Tensor:
+        """Scale 0: sos + pos_start. Later: word_embed(trilinear resize of the accumulated codes), both CFG
+        halves alike (trilinear also when downsampling, spec pitfall 2). Level embedding added (spec §4)."""
+        m = self.model
+        if scale.si == 0:
+            x = cond.sos[:, None, :] + m.pos_start
+        else:
+            if torch.is_tensor(state.summed):
+                z = F.interpolate(state.summed, size=(1, *self.vae_hws[scale.si]), mode="trilinear").squeeze(2)
+            else:  # every earlier scale was skipped: nothing accumulated yet
+                z = torch.zeros(cond.batch, self.vae.codebook_dim, *self.vae_hws[scale.si], device=self.device)
+            if self.patchify:
+                z = F.pixel_unshuffle(z, 2)
+            x = m.word_embed(z.reshape(*z.shape[:2], -1).transpose(1, 2).float())
+            x = x.repeat(cond.rows // cond.batch, 1, 1)
+        return x + m.lvl_embed.weight[scale.si]
+
+    def positions(self, scale) -> torch.Tensor:
+        return self._cos_sin[:, None, None, scale.start:scale.start + scale.n]  # [2, 1, 1, n, c/2]
+
+    def gather_positions(self, pos: torch.Tensor, sel) -> torch.Tensor:
+        idx = sel.keep_idx.to(pos.device)  # [rows|1, K]
+        g = pos[:, 0, 0][:, idx]           # [2, rows|1, K, c/2]
+        return g[:, :, None]
+
+    def branch(self, li, name, x, pos, cond: InfinityCond, kv, attn_fn, lctx) -> torch.Tensor:
+        return self.model.blocks[li].branch(name, x, gss=cond.gss, mem=cond.mem, cos_sin=pos, kv=kv,
+                                            attn_fn=attn_fn, ctx=lctx, cache_key=li)
+
+    def after_block(self, li, x, cond: InfinityCond, sctx) -> torch.Tensor:
+        k = self.sampling.cfg_insertion_layer
+        cfg = self._cfg(sctx.si)
+        if k < 0 and li == self.spec.depth + k and cond.rows > cond.batch and cfg != 1:
+            B = cond.batch
+            mixed = cfg * x[:B] + (1 - cfg) * x[B:]
+            return torch.cat((mixed, mixed), 0)
+        return x
+
+    def head(self, h: torch.Tensor, cond: InfinityCond) -> torch.Tensor:
+        return self.model.logits(h, cond.sos[: h.shape[0]])
+
+    def guide(self, logits: torch.Tensor, cond: InfinityCond, scale):
+        """(cond, uncond or None, guided) logits. cond/uncond are raw; guided = cfg·(cond/tau) + (1-cfg)·(uncond/tau)
+        with CFG on logits (official order: ``.mul(1/tau)`` first, then the mix; spec §6.3)."""
+        B, tau, cfg = cond.batch, self.sampling.per_scale(self.sampling.tau, scale.si), self._cfg(scale.si)
+        lc, lu = logits[:B], (logits[B:] if cond.rows > B else None)
+        if lu is not None and self.sampling.cfg_insertion_layer == 0 and cfg != 1:
+            return lc, lu, cfg * lc.mul(1 / tau) + (1 - cfg) * lu.mul(1 / tau)
+        return lc, lu, lc.mul(1 / tau)
+
+    def sample(self, logits, scale, rng):
+        if self.forced_bits is not None and scale.si < len(self.forced_bits):  # official ``gt_leak``
+            return self.forced_bits[scale.si].to(self.device)
+        return sample_bits(logits, self.sampling.top_k, self.sampling.top_p, rng)
+
+    def update(self, state: InfinityState, bits_BLd: torch.Tensor, scale) -> InfinityState:
+        """Bits -> codes -> accumulate on the final VAE grid (trilinear), spec §6.5–6.6."""
+        B = bits_BLd.shape[0]
+        b = bits_BLd.reshape(B, scale.h, scale.w, -1)
+        if self.patchify:  # bit k -> channel k//4 at sub-pixel ((k%4)//2, k%2)
+            b = F.pixel_shuffle(b.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+        codes = bits_to_codes(b[:, None].float(), self.vae.codebook_dim)  # [B, cd, 1, h', w']
+        last = scale.si == len(self._scales) - 1
+        if not last:
+            codes = F.interpolate(codes, size=(1, *self.vae_hws[-1]), mode="trilinear")
+        summed = codes if not torch.is_tensor(state.summed) else state.summed + codes
+        return InfinityState(summed, state.bits + [bits_BLd])
+
+    def decode(self, state: InfinityState) -> torch.Tensor:
+        if not torch.is_tensor(state.summed):
+            raise RuntimeError("no scale was computed: nothing to decode")
+        with torch.autocast(self.device.type, enabled=False):
+            return self.vae.decode(state.summed.squeeze(2).float())

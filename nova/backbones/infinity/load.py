@@ -1,0 +1,166 @@
+"""Build an Infinity backbone from a model config: official files (local folder / HF hub cache) or seeded tiny.
+
+File lookup order for each weight file: ``<weights_dir>/<file>``, then the Hugging Face hub cache
+(``HF_HOME``/``HF_HUB_CACHE``, no network). Everything missing is reported in one line (``MissingWeights``)
+before anything heavy is loaded. Official checkpoints load *strictly*, except for the differences the official
+loader hides on purpose (spec infinity.md §11.11): absent ``zero_k_bias`` buffers (zeros) and a ``cfg_uncond``
+longer or shorter than ``text_maxlen`` (trimmed / padded with our init, like the official ``load_state_dict``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from nova.backbones.infinity.backbone import InfinityBackbone, Sampling
+from nova.backbones.infinity.model import InfinityTransformer
+from nova.backbones.infinity.schedules import get_schedule
+from nova.backbones.infinity.text import T5TextEncoder
+from nova.backbones.infinity.vae import BSQVAE, load_vae_state_dict
+from nova.errors import MissingWeights, UserError
+
+
+# ---------------------------------------------------------------- file lookup
+def weights_dir(cfg_dir: str | None) -> Path:
+    return Path(os.path.expanduser(cfg_dir or os.environ.get("VARBENCH_WEIGHTS", "~/.cache/varbench/weights")))
+
+
+def find_file(name: str, wdir: Path, hf_repo: str | None, snapshot: bool = False) -> Path | None:
+    """``<wdir>/<name>``, else the HF hub cache (a file of ``hf_repo``, or with ``snapshot`` the whole repo)."""
+    p = wdir / name
+    if p.exists():
+        return p
+    if not hf_repo:
+        return None
+    try:
+        from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+        if snapshot:
+            return Path(snapshot_download(hf_repo, local_files_only=True))
+        hit = try_to_load_from_cache(hf_repo, name)
+        if isinstance(hit, str):
+            return Path(hit)
+        snap = Path(snapshot_download(hf_repo, local_files_only=True, allow_patterns=[f"{name}/*"]))
+        return snap / name if (snap / name).exists() else None
+    except Exception:  # noqa: BLE001 - not cached (the hub raises several kinds of errors offline)
+        return None
+
+
+def resolve_files(files: dict, wdir: Path) -> dict[str, Path]:
+    """``files``: role -> {file, hf_repo, url}. Returns role -> path, or raises one MissingWeights for all."""
+    found, missing = {}, []
+    for role, f in files.items():
+        p = find_file(f["file"], wdir, f.get("hf_repo"), bool(f.get("snapshot")))
+        if p is None:
+            where = f"{wdir}" + (f" and the HF cache of {f['hf_repo']}" if f.get("hf_repo") else "")
+            missing.append((f["file"], where, f.get("url", f.get("hf_repo", "?"))))
+        else:
+            found[role] = p
+    if missing:
+        raise MissingWeights(missing)
+    return found
+
+
+# ---------------------------------------------------------------- state dicts
+def read_state_dict(path: Path, key: str | None = None, trust_pickle: bool = False) -> dict:
+    """A .safetensors / .pth file, or an HF-sharded folder (``*.index.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        idx = sorted(path.glob("*.index.json"))
+        if not idx:
+            raise UserError(f"{path} is a folder without a *.index.json shard index")
+        shards = sorted(set(json.loads(idx[0].read_text())["weight_map"].values()))
+        sd = {}
+        for s in shards:
+            sd.update(read_state_dict(path / s, None, trust_pickle))
+        return sd
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"could not read {path} with weights_only=True ({type(e).__name__}); if you trust the "
+                            f"file, set model.trust_pickle=true") from None
+    if key is not None and key in sd:
+        sd = sd[key]
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def load_transformer_state(model: InfinityTransformer, sd: dict) -> None:
+    sd = dict(sd)
+    own = model.state_dict()
+    for k in own:
+        if k.endswith("zero_k_bias") and k not in sd:
+            sd[k] = own[k]
+    if "cfg_uncond" in sd and sd["cfg_uncond"].shape[0] != own["cfg_uncond"].shape[0]:
+        n, old = own["cfg_uncond"].shape[0], sd["cfg_uncond"]
+        sd["cfg_uncond"] = old[:n] if old.shape[0] >= n else torch.cat((old, own["cfg_uncond"][old.shape[0]:]))
+    missing, unexpected = set(own) - set(sd), set(sd) - set(own)
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not match the architecture: missing {sorted(missing)[:5]}"
+                        f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------- seeded weights (tiny)
+@torch.no_grad()
+def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Deterministic weights: N(0, 1/fan_in) matrices, norms ≈ 1, biases small, Infinity's special tensors sane."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "scale_mul_1H11":
+            p.copy_(math.log(4.0) + 0.3 * torch.randn(p.shape, generator=g))
+        elif leaf == "ada_gss":
+            p.copy_(0.25 * torch.randn(p.shape, generator=g))
+        elif leaf == "cfg_uncond":
+            p.copy_(1.2 / math.sqrt(p.shape[-1]) * torch.randn(p.shape, generator=g))
+        elif p.ndim == 1 and ("norm" in name or name.endswith("text_norm.weight")) and leaf == "weight":
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        elif p.ndim == 1:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        else:
+            fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    return module
+
+
+# ---------------------------------------------------------------- build
+def build_infinity(mcfg, device="cpu", dtype="fp32") -> InfinityBackbone:
+    """``mcfg``: a model config node (see ``conf/model/infinity_2b.yaml`` and ``tiny.yaml``)."""
+    a, v = mcfg["arch"], mcfg["vae"]
+    text_cfg = mcfg["text"]
+    paths = None
+    if mcfg.get("files"):
+        paths = resolve_files({k: dict(f) for k, f in mcfg["files"].items()}, weights_dir(mcfg.get("weights_dir")))
+    patchify = bool(v.get("patchify", False))
+    d_bits = v["codebook_dim"] * (4 if patchify else 1)
+    text_channels = a["text_channels"]
+    tf = InfinityTransformer(a["depth"], a["embed_dim"], a["num_heads"], d_bits, text_channels, a["text_maxlen"],
+                             a.get("mlp_ratio", 4.0), a["block_chunks"])
+    vae = BSQVAE(v["codebook_dim"], v["base_ch"], tuple(v["ch_mult"]), v["num_res_blocks"], v["patch_size"])
+    trust = bool(mcfg.get("trust_pickle", False))
+    if paths is None:
+        seed = int(mcfg.get("seed", 0))
+        seeded_init_(tf, seed)
+        seeded_init_(vae, seed + 1)
+        text = T5TextEncoder.tiny(d_model=text_channels, layers=text_cfg.get("layers", 2),
+                                  heads=text_cfg.get("heads", 2), max_length=a["text_maxlen"], seed=seed + 2,
+                                  device=device)
+    else:
+        load_transformer_state(tf, read_state_dict(paths["transformer"], None, trust))
+        load_vae_state_dict(vae, read_state_dict(paths["vae"], "vae", trust))
+        text_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        text = T5TextEncoder.from_pretrained(str(paths["text_encoder"]), a["text_maxlen"], device, text_dtype)
+    tf.to(device).eval()
+    vae.to(device).eval()
+    s = mcfg["schedule"]
+    schedule = get_schedule(float(s.get("h_div_w", 1.0)), str(s["pn"]))
+    smp = Sampling(**dict(mcfg["sampling"]))
+    return InfinityBackbone(tf, vae, text, schedule, smp, patchify, device, dtype, mcfg.get("name", "infinity"))

@@ -1,0 +1,194 @@
+"""Golden-fixture checks: rebuild a backbone from a fixture's meta file alone and compare with the official run.
+
+Used by ``scripts/check_fixture.py`` and by the golden tests (one code path). Fixture format: see
+``shared/fixtures/infinity/README.md``: ``<tag>_meta.json`` beside ``<tag>_infinity_weights.safetensors``,
+``<tag>_vae_weights.safetensors`` and ``<tag>_tensors.safetensors`` (weights stored as float8_e4m3fn).
+
+Compared (when the fixture holds them): teacher-forced cond / uncond / CFG logits, both entropies, the
+KV-cached loop's CFG logits with the recorded bits replayed, the summed codes, the decoded image (float and
+uint8 BGR), the bits our sampler draws with the fixture's seed, and the VAE encoder path.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# README "Recommended tolerances for a re-implementation in fp32"
+TOL = {"logits_cfg": 1e-4, "logits_cond": 5e-5, "logits_uncond": 5e-5, "entropy": 1e-4, "image": 1e-4, "codes": 1e-4,
+       "exact": 0.0, "uint8": 0.0}
+
+
+@dataclass
+class Check:
+    name: str
+    max_abs_diff: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tol
+
+
+def _load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+class FixedText:
+    """A 'text encoder' that returns the fixture's T5 features (kv_compact, lens)."""
+
+    def __init__(self, kv_compact: torch.Tensor, lens: list[int]):
+        self.kv, self.lens = kv_compact, lens
+
+    def __call__(self, prompts):
+        return self.kv, list(self.lens)
+
+
+def _files(meta_path: Path) -> tuple[str, dict]:
+    tag = json.loads(meta_path.read_text()).get("tag", "")
+    pre = f"{tag}_" if tag else ""
+    d = meta_path.parent
+    return tag, {"tf": d / f"{pre}infinity_weights.safetensors", "vae": d / f"{pre}vae_weights.safetensors",
+                 "tensors": d / f"{pre}tensors.safetensors"}
+
+
+def build_from_meta(meta_path: Path):
+    """(backbone, tensors, meta): an Infinity backbone built from the meta file, with the fixture's weights."""
+    from safetensors.torch import load_file
+
+    from nova.backbones.infinity.backbone import InfinityBackbone, Sampling
+    from nova.backbones.infinity.model import InfinityTransformer
+    from nova.backbones.infinity.schedules import schedule_from_official
+    from nova.backbones.infinity.vae import BSQVAE, load_vae_state_dict
+
+    meta = json.loads(Path(meta_path).read_text())
+    _, files = _files(Path(meta_path))
+    I, V = meta["infinity"], meta["vae"]
+    patchify = bool(V.get("apply_spatial_patchify", 0))
+    d_bits = I.get("d_vae(bits per token)") or I.get("d(bits per token)") or V["codebook_dim"] * (4 if patchify else 1)
+    tf = InfinityTransformer(I["depth"], I["embed_dim"], I["num_heads"], d_bits, I["text_channels"], I["text_maxlen"],
+                             I.get("mlp_ratio", 4), I["block_chunks"])
+    tf.load_state_dict(_load_weights(files["tf"]), strict=True)
+    vae = BSQVAE(V["codebook_dim"], V["base_ch"], tuple(V["ch_mult"]), V.get("num_res_blocks", 2),
+                 V.get("patch_size(stride)", V.get("patch_size")))
+    load_vae_state_dict(vae, _load_weights(files["vae"]))
+    t = load_file(str(files["tensors"]))
+    cu = t["cu_seqlens_k"].long()
+    lens = (cu[1:] - cu[:-1]).tolist()
+    s = meta["sampling"]
+    cil = s.get("cfg_insertion_layer", [0])
+    smp = Sampling(cfg=s["cfg"], tau=s["tau"], top_k=s["top_k"], top_p=s["top_p"],
+                   cfg_insertion_layer=int(cil[0] if isinstance(cil, list) else cil))
+    sched = schedule_from_official(meta["scale_schedule"])
+    bb = InfinityBackbone(tf.eval(), vae.eval(), FixedText(t["kv_compact"], lens), sched, smp, patchify, "cpu", "fp32")
+    return bb, t, meta
+
+
+class _RecordLogits:
+    """A Method that only records what the loop hands to ``after_logits`` (the official sampler's input)."""
+
+    def __init__(self):
+        from nova.hooks import Method
+
+        class Rec(Method):
+            name = "record"
+
+            def reset(s, sctx=None):
+                s.guided, s.cond, s.uncond = [], [], []
+
+            def after_logits(s, sctx, lc, lu, lg):
+                s.guided.append(lg.clone())
+                s.cond.append(lc.clone())
+                s.uncond.append(None if lu is None else lu.clone())
+
+        self.method = Rec()
+
+
+@torch.no_grad()
+def check_infinity_fixture(meta_path: str | Path) -> list[Check]:
+    from nova.backbones.infinity.schedules import rope_cos_sin, rope_positions
+    from nova.entropy import bitwise_entropy
+    from nova.harness import to_uint8
+    from nova.loop import generate
+
+    meta_path = Path(meta_path)
+    bb, t, meta = build_from_meta(meta_path)
+    m, sched = bb.model, bb.schedule
+    B, n_sc = t["kv_compact"].new_zeros(0), len(sched.hws)
+    lens = bb.text(None)[1]
+    B = len(lens)
+    cfg, tau = meta["sampling"]["cfg"], meta["sampling"]["tau"]
+    out: list[Check] = []
+    bits = [t[f"bits_s{si:02d}"] for si in range(n_sc) if f"bits_s{si:02d}" in t]
+
+    # 1. teacher-forced full-sequence forward (block-causal mask)
+    if "tf_x_BLC_wo_prefix" in t:
+        cs = rope_cos_sin(rope_positions(sched), m.head_dim)
+        x = t["tf_x_BLC_wo_prefix"]
+        lc = m.forward_teacher_forced(t["kv_compact"], lens, x, sched.scales, cs)
+        lu = m.forward_teacher_forced(m.uncond_text(lens), lens, x, sched.scales, cs)
+        lg = cfg * lc.mul(1 / tau) + (1 - cfg) * lu.mul(1 / tau)
+        out += [Check("tf_logits_cond", _diff(lc, t["tf_logits_cond"]), TOL["logits_cond"]),
+                Check("tf_logits_uncond", _diff(lu, t["tf_logits_uncond"]), TOL["logits_uncond"]),
+                Check("tf_logits_cfg", _diff(lg, t["tf_logits_cfg"]), TOL["logits_cfg"]),
+                Check("tf_entropy_cfg", _diff(bitwise_entropy(lg), t["tf_entropy_cfg"]), TOL["entropy"]),
+                Check("tf_entropy_cond", _diff(bitwise_entropy(lc / tau), t["tf_entropy_cond"]), TOL["entropy"])]
+
+    # 2. the KV-cached loop with the recorded bits replayed (official gt_leak-style forcing)
+    rec = _RecordLogits().method
+    bb.forced_bits = bits
+    res = generate(bb, [""] * B, rec)
+    bb.forced_bits = None
+    infer = torch.cat(rec.guided, 1)
+    if "infer_logits_cfg" in t:
+        out.append(Check("infer_logits_cfg (KV cache, replayed bits)", _diff(infer, t["infer_logits_cfg"]), TOL["logits_cfg"]))
+    for si in range(n_sc):  # per-scale logits, FastVAR-style fixtures
+        for kind, got in (("cfg", rec.guided), ("cond", rec.cond), ("uncond", rec.uncond)):
+            key = f"logits_{kind}_s{si:02d}"
+            if key in t and si < len(got):
+                out.append(Check(key, _diff(got[si], t[key]), TOL["logits_cfg"]))
+    if "summed_codes" in t:
+        out.append(Check("summed_codes", _diff(res.state.summed, t["summed_codes"]), TOL["codes"]))
+    if "image_pm1" in t:
+        out.append(Check("image_pm1", _diff(res.images, t["image_pm1"]), TOL["image"]))
+    if "image_uint8_bgr_hwc" in t:
+        ours = to_uint8(res.images).flip(-1)
+        out.append(Check("image_uint8_bgr", _diff(ours, t["image_uint8_bgr_hwc"]), TOL["uint8"]))
+
+    # 3. our sampler with the fixture's seed draws the recorded bits
+    g_seed = meta["sampling"].get("g_seed")
+    if g_seed is not None and bits and len(bits) == n_sc:
+        rng = torch.Generator().manual_seed(int(g_seed))
+        res2 = generate(bb, [""] * B, None, rng)
+        drawn = torch.cat([b.reshape(B, -1) for b in res2.state.bits], 1)
+        ref = torch.cat([b.reshape(B, -1) for b in bits], 1)
+        out.append(Check("sampled_bits (g_seed, fraction differing)", (drawn != ref).float().mean().item(), TOL["exact"]))
+
+    # 4. VAE encoder path (multi-scale BSQ on the VAE schedule)
+    if "enc_image_pm1" in t:
+        vae = bb.vae
+        raw = vae.encode_raw(t["enc_image_pm1"])
+        out.append(Check("enc_raw_features", _diff(raw, t["enc_raw_features"]), TOL["image"]))
+        enc_bits, q = vae.encode_bits(t["enc_image_pm1"], [tuple(s) for s in meta["vae_scale_schedule"]])
+        nb = sum(int((b.to(torch.uint8) != t[f"enc_bits_s{i:02d}"]).sum()) for i, b in enumerate(enc_bits))
+        out.append(Check("enc_bits (count differing)", float(nb), TOL["exact"]))
+        out.append(Check("enc_quantized_out", _diff(q.reshape(t["enc_quantized_out"].shape), t["enc_quantized_out"]), TOL["codes"]))
+        out.append(Check("enc_recon_pm1", _diff(vae.decode(t["enc_quantized_out"]), t["enc_recon_pm1"]), TOL["image"]))
+    return out
+
+
+def format_checks(checks: list[Check]) -> str:
+    w = max(len(c.name) for c in checks)
+    lines = [f"{c.name:<{w}}  max|Δ|={c.max_abs_diff:.3g}  tol={c.tol:g}  {'PASS' if c.ok else 'FAIL'}" for c in checks]
+    verdict = "PASS" if all(c.ok for c in checks) else "FAIL"
+    return "\n".join(lines + [f"{verdict}: {sum(c.ok for c in checks)}/{len(checks)} checks within tolerance"])

@@ -1,0 +1,99 @@
+"""THE next-scale generation loop, written once for every backbone and every method.
+
+Backbone parts: ``nova/backbones/base.py``. Hook points: ``nova/hooks.py``. The loop never knows which
+method runs: a method steers it only through the hooks, so ``Method()`` (no overrides) gives exactly the
+backbone's own inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nova.attention import sdpa_attention
+from nova.hooks import LayerCtx, Method, ScaleCtx
+from nova.records import GenRecord, Stopwatch, peak_memory_bytes, reset_peak_memory
+
+
+@dataclass
+class GenOutput:
+    images: torch.Tensor          # [B, 3, H, W] in [-1, 1]
+    state: Any                    # the backbone's final state (accumulated codes, sampled codes per scale)
+    record: GenRecord
+    method_summary: dict
+
+
+def _run_layer(backbone, method: Method, li: int, x, pos, cond, kv, sctx: ScaleCtx, rec_tokens: list):
+    """One block: token selection and restoration per unit (the whole block, or each branch)."""
+    units = [backbone.spec.branches] if method.granularity == "block" else [(b,) for b in backbone.spec.branches]
+    lctx = LayerCtx(sctx, li, kv_len=kv.length, head_logits=lambda h: backbone.head(h, cond))
+    attn_fn = method.attention(lctx) or sdpa_attention
+    x_block_in, counts = x, []
+    for unit in units:
+        lctx.branch = None if method.granularity == "block" else unit[0]
+        sel = method.select(lctx, x)
+        xk, pk = (x, pos) if sel is None else (sel.gather(x), backbone.gather_positions(pos, sel))
+        for name in unit:
+            xk = xk + backbone.branch(li, name, xk, pk, cond, kv, attn_fn, lctx)
+        x = xk if sel is None else method.restore(lctx, x, xk, sel)
+        counts += [xk.shape[1]] * len(unit)
+    lctx.branch = None
+    x = backbone.after_block(li, x, cond, sctx)
+    method.after_layer(lctx, x_block_in, x)
+    rec_tokens.append(sum(counts) / len(counts))
+    return x
+
+
+@torch.no_grad()
+def generate(backbone, prompts: list[str], method: Method | None = None,
+             rng: torch.Generator | None = None) -> GenOutput:
+    """Generate one batch of images (one per prompt). ``rng`` drives sampling (None: the global RNG)."""
+    method = method or Method()
+    dev = backbone.device
+    rec = GenRecord(batch=len(prompts))
+    reset_peak_memory(dev)
+    total = Stopwatch(dev)
+    with backbone.precision():
+        cond = backbone.condition(prompts)
+        state = backbone.init_state(cond)
+        kvs = [backbone.new_kv_cache() for _ in range(backbone.spec.depth)]
+        scales = backbone.scales()
+        method.reset()
+        watch = Stopwatch(dev)
+        for scale in scales:
+            sctx = ScaleCtx(scale.si, len(scales), (scale.h, scale.w), cond.rows, cond.batch, backbone,
+                            decode_fn=lambda: backbone.decode(state))
+            rec.scale_hw.append((scale.h, scale.w))
+            plan = method.plan_scale(sctx)
+            if plan.skip:
+                rec.skipped_scales.append(scale.si)
+                rec.tokens.append([0.0] * backbone.spec.depth)
+                rec.kv_len.append([kv.length for kv in kvs])
+                rec.scale_time_s.append(watch.lap())
+                continue
+            if plan.cond_only and cond.rows > cond.batch:
+                cond = backbone.cond_only(cond)
+                for kv in kvs:
+                    kv.keep_rows(cond.rows)
+                rec.cond_only_from = scale.si
+                sctx.rows = cond.rows
+            x = backbone.scale_input(state, cond, scale)
+            pos = backbone.positions(scale)
+            tokens = []
+            for li in range(backbone.spec.depth):
+                x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], sctx, tokens)
+            rec.tokens.append(tokens)
+            rec.kv_len.append([kv.length for kv in kvs])
+            logits = backbone.head(x, cond)
+            l_cond, l_uncond, guided = backbone.guide(logits, cond, scale)
+            replaced = method.after_logits(sctx, l_cond, l_uncond, guided)
+            codes = backbone.sample(guided if replaced is None else replaced, scale, rng)
+            state = backbone.update(state, codes, scale)
+            method.after_scale(sctx, state)
+            rec.scale_time_s.append(watch.lap())
+        images = backbone.decode(state)
+        rec.decode_time_s = watch.lap()
+    rec.total_time_s = total.lap()
+    rec.peak_memory_bytes, rec.peak_memory_kind = peak_memory_bytes(dev)
+    return GenOutput(images.float(), state, rec, method.summary())

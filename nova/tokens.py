@@ -1,0 +1,62 @@
+"""Token subsets of one scale: which tokens a (scale, layer[, branch]) computes, and how the rest come back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Kept token indices of the current scale, ``keep_idx`` [rows or 1, K] (int64, ascending), of ``n_total``.
+
+    One row means the same subset for every batch row (e.g. shared by both CFG halves). The backbone gathers
+    per-token positional data (RoPE rows) with :meth:`gather` as well, so kept tokens keep their positions.
+    """
+
+    keep_idx: torch.Tensor
+    n_total: int
+
+    @property
+    def k(self) -> int:
+        return self.keep_idx.shape[-1]
+
+    def _idx(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.keep_idx.to(x.device)
+        return idx.expand(x.shape[0], -1) if idx.shape[0] == 1 else idx
+
+    def gather(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        idx = self._idx(x_BLC)
+        return x_BLC.gather(1, idx[..., None].expand(-1, -1, x_BLC.shape[-1]))
+
+    def scatter(self, y_BKC: torch.Tensor, base_BLC: torch.Tensor) -> torch.Tensor:
+        """``base`` with the kept tokens replaced by ``y`` (out of place)."""
+        idx = self._idx(base_BLC)
+        return base_BLC.scatter(1, idx[..., None].expand(-1, -1, base_BLC.shape[-1]), y_BKC.to(base_BLC.dtype))
+
+    def mask(self, rows: int) -> torch.Tensor:
+        """Boolean [rows, n_total], True where the token is computed."""
+        m = torch.zeros(rows, self.n_total, dtype=torch.bool, device=self.keep_idx.device)
+        return m.scatter(1, self.keep_idx.expand(rows, -1), True)
+
+    @staticmethod
+    def top_k(score_BL: torch.Tensor, k: int) -> "Selection":
+        """Keep the ``k`` highest-scoring tokens per row (indices sorted ascending)."""
+        n = score_BL.shape[-1]
+        k = max(0, min(int(k), n))
+        idx = score_BL.topk(k, dim=-1, sorted=False).indices.sort(-1).values
+        return Selection(idx, n)
+
+    @staticmethod
+    def all(n: int, device=None) -> "Selection":
+        return Selection(torch.arange(n, device=device)[None], n)
+
+
+def resize_grid(x_BLC: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize per-token features laid out row-major on an (h, w) grid to another grid (for caches across scales)."""
+    B, L, C = x_BLC.shape
+    g = x_BLC.transpose(1, 2).reshape(B, C, *src_hw)
+    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    g = F.interpolate(g.float(), size=dst_hw, mode=mode, **kw).to(x_BLC.dtype)
+    return g.reshape(B, C, -1).transpose(1, 2)

@@ -1,0 +1,31 @@
+"""Shared test helpers: locate ../shared (skip with a reason when absent) and build the tiny backbone once."""
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+torch.set_num_threads(2)
+
+
+def shared_path(*parts) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is absent: golden fixtures live in ../shared beside the repo (present in CI)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny.yaml"), resolve=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_cfg):
+    from nova.registry import build_backbone
+
+    return build_backbone(tiny_cfg, "cpu", "fp32")

@@ -1,0 +1,62 @@
+"""Golden tests: our Infinity against the official implementation (fixtures in ../shared/fixtures/infinity)."""
+import json
+
+import pytest
+import torch
+
+from conftest import shared_path
+from nova.backbones.infinity.model import InfinityTransformer
+
+FULL = {  # (manifest, depth, embed_dim, heads, bits per token)
+    "infinity_2b": ("manifest_infinity_2b.json", 32, 2048, 16, 32),
+    "infinity_8b": ("manifest_infinity_8b.json", 40, 3584, 28, 56),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_full_size_state_dict_matches_manifest(name):
+    fname, depth, C, H, d = FULL[name]
+    man = json.loads(shared_path("fixtures", "infinity", fname).read_text())
+    with torch.device("meta"):
+        m = InfinityTransformer(depth, C, H, d, text_channels=2048, text_maxlen=512, mlp_ratio=4, block_chunks=8)
+    ours = {k: list(v.shape) for k, v in m.state_dict().items()}
+    theirs = {k: v["shape"] for k, v in man["keys"].items()}
+    assert list(ours) == list(theirs), "key order or names differ"
+    assert ours == theirs
+    assert sum(v.numel() for v in m.parameters()) == man["num_params"]
+
+
+@pytest.mark.parametrize("tag", ["tiny_2bstyle", "tiny_8bstyle"])
+def test_tiny_fixture_reproduces_official_run(tag):
+    from nova.fixtures import check_infinity_fixture, format_checks
+
+    checks = check_infinity_fixture(shared_path("fixtures", "infinity", f"{tag}_meta.json"))
+    names = {c.name.split(" ")[0] for c in checks}
+    # the comparisons the fixture was made for are all present
+    assert {"tf_logits_cfg", "tf_logits_cond", "tf_entropy_cfg", "infer_logits_cfg", "summed_codes", "image_pm1",
+            "image_uint8_bgr", "enc_bits"} <= names
+    assert all(c.ok for c in checks), format_checks(checks)
+
+
+def test_check_fixture_cli_exit_codes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    meta = shared_path("fixtures", "infinity", "tiny_2bstyle_meta.json")
+    ok = subprocess.run([sys.executable, "scripts/check_fixture.py", str(meta)], cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS" in ok.stdout.splitlines()[-1]
+    # a corrupted copy of the fixture must FAIL with exit code 1
+    from safetensors.torch import load_file, save_file
+
+    d = meta.parent
+    for f in d.glob("tiny_2bstyle_*"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    t = load_file(str(tmp_path / "tiny_2bstyle_tensors.safetensors"))
+    t["tf_logits_cfg"] = t["tf_logits_cfg"] + 1e-3
+    save_file(t, str(tmp_path / "tiny_2bstyle_tensors.safetensors"))
+    bad = subprocess.run([sys.executable, "scripts/check_fixture.py", str(tmp_path / "tiny_2bstyle_meta.json")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "FAIL" in bad.stdout
