@@ -129,3 +129,14 @@ def test_kv_cached_loop_matches_teacher_forced_forward(tiny_backbone):
 
 def test_default_tiny_schedule_has_room_for_nova(tiny_backbone):
     assert len(tiny_backbone.scales()) >= 10
+
+
+def test_bf16_precision_path_runs(tiny_cfg):
+    """dtype=bf16 (the GPU setting: bf16 blocks under autocast, fp32 head/VAE) also runs on the CPU."""
+    from nova.registry import build_backbone
+
+    bb = build_backbone(tiny_cfg, "cpu", "bf16")
+    assert bb.model.blocks[0].sa.mat_qkv.weight.dtype == torch.bfloat16
+    assert bb.model.head.weight.dtype == torch.float32
+    out = _gen(bb)
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()

@@ -194,7 +194,9 @@ class CrossAttnBlock(nn.Module):
         if name == "sa":
             return self.sa(ada_layer_norm(x, s1, sh1), cos_sin, kv, mask, attn_fn, ctx).mul_(g1)
         if name == "ca":
-            return self.ca(self.ca_norm(x), mem, cache_key).float()
+            n = self.ca_norm  # in fp32, as autocast runs layer_norm (also with bf16 block weights)
+            xn = F.layer_norm(x.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
+            return self.ca(xn, mem, cache_key).float()
         if name == "ffn":
             return self.ffn(ada_layer_norm(x, s2, sh2)).mul(g2)
         raise ValueError(f"unknown branch {name!r}")
