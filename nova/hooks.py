@@ -13,7 +13,8 @@ A method (NOVA, FastVAR, ...) subclasses :class:`Method` and overrides only the 
     after_scale(sctx, state)
 
 Logits reach ``after_logits`` before any top-k/top-p filtering and are never edited in place by the sampler.
-``lctx.head_logits(h)`` applies the backbone's head to any hidden state ("logit lens").
+``lctx.head_logits(h)`` applies the backbone's head to any hidden state ("logit lens"); ``lctx.guide(logits)``
+turns such logits into (cond, uncond, guided) exactly as the sampler's input is formed (CFG, temperature).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class LayerCtx:
     li: int
     branch: str | None = None          # None: the whole block is one unit
     kv_len: int = 0                    # keys already cached for this layer before this scale
-    head_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+    head_logits: Callable[[torch.Tensor], torch.Tensor] | None = None   # backbone head on any hidden state
+    guide: Callable[[torch.Tensor], tuple] | None = None                # logits -> (cond, uncond, guided), as for sampling
     extra: dict = field(default_factory=dict)
 
     @property

@@ -24,18 +24,20 @@ class GenOutput:
     method_summary: dict
 
 
-def _run_layer(backbone, method: Method, li: int, x, pos, cond, kv, sctx: ScaleCtx, rec_tokens: list):
+def _run_layer(backbone, method: Method, li: int, x, pos, cond, kv, scale, sctx: ScaleCtx, rec_tokens: list):
     """One block: token selection and restoration per unit (the whole block, or each branch)."""
     units = [backbone.spec.branches] if method.granularity == "block" else [(b,) for b in backbone.spec.branches]
-    lctx = LayerCtx(sctx, li, kv_len=kv.length, head_logits=lambda h: backbone.head(h, cond))
+    lctx = LayerCtx(sctx, li, kv_len=kv.length, head_logits=lambda h: backbone.head(h, cond),
+                    guide=lambda logits: backbone.guide(logits, cond, scale))
     attn_fn = method.attention(lctx) or sdpa_attention
     x_block_in, counts = x, []
     for unit in units:
         lctx.branch = None if method.granularity == "block" else unit[0]
         sel = method.select(lctx, x)
         xk, pk = (x, pos) if sel is None else (sel.gather(x), backbone.gather_positions(pos, sel))
-        for name in unit:
-            xk = xk + backbone.branch(li, name, xk, pk, cond, kv, attn_fn, lctx)
+        if xk.shape[1] > 0:  # K = 0: the unit is bypassed (no compute, no K/V); restore fills every token
+            for name in unit:
+                xk = xk + backbone.branch(li, name, xk, pk, cond, kv, attn_fn, lctx)
         x = xk if sel is None else method.restore(lctx, x, xk, sel)
         counts += [xk.shape[1]] * len(unit)
     lctx.branch = None
@@ -82,7 +84,7 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
             pos = backbone.positions(scale)
             tokens = []
             for li in range(backbone.spec.depth):
-                x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], sctx, tokens)
+                x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], scale, sctx, tokens)
             rec.tokens.append(tokens)
             rec.kv_len.append([kv.length for kv in kvs])
             logits = backbone.head(x, cond)

@@ -14,6 +14,7 @@ BACKBONES = {
 
 METHODS = {
     "none": "nova.hooks:Method",
+    "nova": "nova.methods.nova:Nova",
 }
 
 
