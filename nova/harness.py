@@ -153,19 +153,87 @@ def generate_items(backbone, method, items: list[Item], image_dir: Path, records
     return {"generated": len(todo), "reused": len(items) - len(todo)}
 
 
+def reference_dir(run_dir: Path) -> Path:
+    """The unpruned run with the same model, bench and non-method overrides: <root>/<model>/<bench>/none/<tag>."""
+    keep = [kv for kv in run_dir.name.split(",") if kv and not kv.startswith("method.")]
+    return run_dir.parent.parent / "none" / (",".join(keep) or "default")
+
+
+def _warmup(backbone, method, items, n: int) -> None:
+    """Untimed generations so one-off costs (allocator, kernel selection) do not enter the first latency."""
+    from nova.loop import generate
+
+    for it in items[:n]:
+        generate(backbone, [it.prompt], method, torch.Generator(device=backbone.device).manual_seed(it.seed))
+
+
+def score_run(cfg: dict, run_dir: Path, backbone, method_name: str, ref_dir: Path | None) -> dict:
+    """Speed/fidelity metrics against the reference -> metrics.json + rows in the results store + plot."""
+    from eval import store
+    from eval.plots import plot_entropy_activation
+    from eval.speed import run_metrics
+
+    recs = read_records(run_dir / "records.jsonl")
+    if not recs:
+        raise UserError(f"no generated images in {run_dir}: run stage=generate first")
+    ref = read_records(ref_dir / "records.jsonl") if ref_dir is not None else None
+    if method_name == "none":  # the reference itself: speedup 1 by definition, no fidelity to itself
+        ref, ref_dir = recs, None
+    metrics = run_metrics(recs, backbone, ref, run_dir / "images", ref_dir / "images" if ref_dir else None)
+    (run_dir / "metrics.json").write_text(json.dumps({k: {"value": v, "n": n} for k, (v, n) in metrics.items()}, indent=1))
+    root = Path(cfg["results_root"])
+    base = {"run": str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
+            "model": cfg["model"]["name"], "method": method_name, "bench": cfg["bench"]["name"],
+            "overrides": run_dir.name, "git_sha": git_sha()}
+    store.append_rows(root, [base | {"metric": k, "value": v, "n": n} for k, (v, n) in metrics.items() if v is not None])
+    plot_entropy_activation(list(recs.values()), run_dir / "entropy_activation.png",
+                            f"{cfg['model']['name']} / {method_name} / {cfg['bench']['name']}")
+    return metrics
+
+
+def print_table(cfg: dict) -> str:
+    from eval import store, tables
+
+    w = tables.wide(store.load(Path(cfg["results_root"])), cfg["model"]["name"], cfg["bench"]["name"])
+    text = tables.markdown(w) if len(w) else "(no results yet)"
+    print(text)
+    return text
+
+
 def run(cfg: dict, run_dir: Path) -> dict:
     """Entry point used by ``run.py`` (``cfg`` is the resolved Hydra config as a plain dict)."""
+    from nova.hooks import Method
+
     device, dtype = resolve_device(str(cfg.get("device", "auto")), str(cfg.get("dtype", "auto")))
+    stage = str(cfg.get("stage", "all"))
+    if stage not in ("generate", "score", "all"):
+        raise UserError(f"stage must be generate, score or all, got {stage!r}")
     method = build_method(dict(cfg["method"]))           # fail fast on names and options
     items = bench_items(cfg["bench"], int(cfg.get("seed", 0)))
     backbone = build_backbone(cfg["model"], device, dtype)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_meta(run_dir, cfg)
-    image_dir = run_dir / "images"
-    counts = generate_items(backbone, method, items, image_dir, run_dir / "records.jsonl",
-                            int(cfg.get("batch_size", 1)), bool(cfg.get("progress", True)))
+    bs, prog = int(cfg.get("batch_size", 1)), bool(cfg.get("progress", True))
+    use_ref = method.name != "none" and bool(cfg.get("reference", True))
+    ref_dir = reference_dir(run_dir) if use_ref else None
+    counts = {"generated": 0, "reused": len(items)}
+    if stage in ("generate", "all"):
+        _warmup(backbone, method, items, int(cfg.get("warmup", 1)))
+        counts = generate_items(backbone, method, items, run_dir / "images", run_dir / "records.jsonl", bs, prog)
+        if use_ref:
+            ref_dir.mkdir(parents=True, exist_ok=True)
+            if not (ref_dir / "meta.json").exists():
+                write_meta(ref_dir, cfg | {"method": {"name": "none"}})
+            rc = generate_items(backbone, Method(), items, ref_dir / "images", ref_dir / "records.jsonl", bs, prog)
+            print(f"[varbench] reference (method=none): {ref_dir} ({rc['generated']} generated, {rc['reused']} reused)")
     recs = read_records(run_dir / "records.jsonl")
     times = [recs[i.index]["time_per_image_s"] for i in items if i.index in recs]
-    print(f"[varbench] {len(items)} images in {image_dir} ({counts['generated']} generated, {counts['reused']} reused); "
-          f"mean time/image {sum(times) / max(1, len(times)):.3f}s on {device} ({dtype})")
-    return {"run_dir": str(run_dir), "image_dir": str(image_dir), **counts}
+    print(f"[varbench] {len(items)} images in {run_dir / 'images'} ({counts['generated']} generated, "
+          f"{counts['reused']} reused); mean time/image {sum(times) / max(1, len(times)):.3f}s on {device} ({dtype})")
+    metrics = {}
+    if stage in ("score", "all"):
+        if use_ref and (ref_dir / "records.jsonl").exists():
+            score_run(cfg | {"method": {"name": "none"}}, ref_dir, backbone, "none", None)
+        metrics = score_run(cfg, run_dir, backbone, method.name, ref_dir)
+        print_table(cfg)
+    return {"run_dir": str(run_dir), "image_dir": str(run_dir / "images"), "metrics": metrics, **counts}

@@ -58,6 +58,7 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
     total = Stopwatch(dev)
     with backbone.precision():
         cond = backbone.condition(prompts)
+        rec.text_len = backbone.text_lengths(cond)
         state = backbone.init_state(cond)
         kvs = [backbone.new_kv_cache() for _ in range(backbone.spec.depth)]
         scales = backbone.scales()
@@ -69,6 +70,7 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
             rec.scale_hw.append((scale.h, scale.w))
             plan = method.plan_scale(sctx)
             if plan.skip:
+                rec.rows.append(0)
                 rec.skipped_scales.append(scale.si)
                 rec.tokens.append([0.0] * backbone.spec.depth)
                 rec.kv_len.append([kv.length for kv in kvs])
@@ -80,6 +82,7 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
                     kv.keep_rows(cond.rows)
                 rec.cond_only_from = scale.si
                 sctx.rows = cond.rows
+            rec.rows.append(cond.rows)
             x = backbone.scale_input(state, cond, scale)
             pos = backbone.positions(scale)
             tokens = []

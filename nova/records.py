@@ -34,6 +34,8 @@ class GenRecord:
     scale_time_s: list = field(default_factory=list)      # wall time per scale, device-synchronised
     tokens: list = field(default_factory=list)            # [scale][layer] tokens computed (mean over branches)
     kv_len: list = field(default_factory=list)            # [scale][layer] keys attended by self-attention
+    rows: list = field(default_factory=list)              # transformer batch rows per scale (2B with CFG)
+    text_len: list = field(default_factory=list)          # text tokens per image (cross-attention keys)
     skipped_scales: list = field(default_factory=list)
     cond_only_from: int | None = None
     decode_time_s: float = 0.0

@@ -110,6 +110,9 @@ class InfinityBackbone:
         sos, gss, mem = self.model.encode_text(kv, lens)
         return InfinityCond(sos, gss, mem, B, len(lens))
 
+    def text_lengths(self, cond: InfinityCond) -> list[int]:
+        return cond.mem.mask_BT[: cond.batch].sum(1).tolist()
+
     def cond_only(self, cond: InfinityCond) -> InfinityCond:
         B = cond.batch
         return InfinityCond(cond.sos[:B], cond.gss[:B], cond.mem.rows(B), B, B)

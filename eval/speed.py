@@ -1,0 +1,61 @@
+"""Speed and fidelity metrics of a run against the unpruned reference (method=none, same prompts and seeds).
+
+  latency_s     mean wall time per image (text encoding + all scales + decode; device-synchronised)
+  speedup       mean reference latency / mean latency, over the same images
+  flop_speedup  Σ reference FLOPs / Σ FLOPs (nova/flops.py): what the token counts alone would give
+  tokens_frac   transformer tokens computed (Σ over scales, layers, rows) / the reference's
+  psnr, ssim    to the reference image of the same prompt and seed (PSNR of identical images capped at 100 dB)
+  peak_mem_gb   max over images (GPU allocator peak; on CPU the process's max RSS)
+and, for methods that report them in their summary, activation_rate and t_star_mean (NOVA).
+Reference latencies come from the reference run's records: when that run was cached from an earlier process,
+the ratio compares two processes on the same machine; ``scripts/bench_speed.py`` times both in one process.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.fidelity import fidelity_per_image
+from nova.flops import flops_for_backbone
+
+PSNR_CAP = 100.0
+
+
+def _tokens(rec: dict) -> float:
+    return sum(r * sum(t) for r, t in zip(rec.get("rows") or [1] * len(rec["tokens"]), rec["tokens"]))
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_metrics(recs: dict[int, dict], backbone, ref: dict[int, dict] | None = None,
+                image_dir: Path | None = None, ref_dir: Path | None = None) -> dict[str, tuple[float, int]]:
+    """metric -> (value, n). ``recs``/``ref``: index -> per-image record (records.jsonl)."""
+    idx = sorted(recs)
+    out = {"latency_s": (_mean([recs[i]["time_per_image_s"] for i in idx]), len(idx)),
+           "peak_mem_gb": (max(recs[i]["peak_memory_bytes"] for i in idx) / 2**30, len(idx))}
+    summ = [recs[i].get("method_summary") or {} for i in idx]
+    if any("t_star" in s for s in summ):
+        out["activation_rate"] = (_mean([float(bool(s.get("activated"))) for s in summ]), len(idx))
+        stars = [s["t_star"] for s in summ if s.get("t_star") is not None]
+        if stars:
+            out["t_star_mean"] = (sum(stars) / len(stars), len(stars))
+    flops = {i: flops_for_backbone(recs[i], backbone) for i in idx}
+    out["gflops"] = (_mean(list(flops.values())) / 1e9, len(idx))
+    if ref is None:
+        return out
+    common = [i for i in idx if i in ref]
+    if not common:
+        return out
+    lat, rlat = _mean([recs[i]["time_per_image_s"] for i in common]), _mean([ref[i]["time_per_image_s"] for i in common])
+    out["speedup"] = (rlat / lat, len(common))
+    rflops = sum(flops_for_backbone(ref[i], backbone) for i in common)
+    out["flop_speedup"] = (rflops / sum(flops[i] for i in common), len(common))
+    out["tokens_frac"] = (sum(_tokens(recs[i]) for i in common) / sum(_tokens(ref[i]) for i in common), len(common))
+    if image_dir is not None and ref_dir is not None:
+        fid = fidelity_per_image(image_dir, ref_dir, [recs[i]["image"] for i in common])
+        if fid:
+            out["psnr"] = (_mean([min(f["psnr"], PSNR_CAP) for f in fid]), len(fid))
+            out["ssim"] = (_mean([f["ssim"] for f in fid]), len(fid))
+    return out

@@ -1,0 +1,49 @@
+"""Tables from the results store: rows (run × metric) -> one line per run, one column per metric."""
+from __future__ import annotations
+
+import math
+
+# (metric, header, format) in the order of the paper's Table 1 speed/latency columns, then fidelity and cost.
+SPEED_COLUMNS = [
+    ("speedup", "Speed↑", "{:.2f}×"),
+    ("latency_s", "Latency (s)↓", "{:.3f}"),
+    ("flop_speedup", "FLOP-ideal↑", "{:.2f}×"),
+    ("tokens_frac", "Tokens computed", "{:.1%}"),
+    ("psnr", "PSNR (dB)↑", "{:.2f}"),
+    ("ssim", "SSIM↑", "{:.4f}"),
+    ("peak_mem_gb", "Peak mem (GB)", "{:.2f}"),
+    ("activation_rate", "Activated", "{:.0%}"),
+    ("t_star_mean", "mean t*", "{:.2f}"),
+]
+
+
+def _fmt(v, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return fmt.format(v)
+
+
+def wide(df, model: str | None = None, bench: str | None = None):
+    """One row per run with a column per metric (pandas DataFrame)."""
+    if model is not None:
+        df = df[df.model == model]
+    if bench is not None:
+        df = df[df.bench == bench]
+    if not len(df):
+        return df
+    w = df.pivot_table(index=["model", "bench", "method", "overrides", "run"], columns="metric", values="value",
+                       aggfunc="last").reset_index()
+    w["_ref_first"] = w["method"] != "none"
+    return w.sort_values(["model", "bench", "_ref_first", "method", "overrides"]).drop(columns="_ref_first")
+
+
+def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None) -> str:
+    """Markdown table; missing cells show as '—', never as a number."""
+    cols = [c for c in columns if c[0] in w.columns] + [(m, m, "{:.4g}") for m in (extra or []) if m in w.columns]
+    head = ["Model", "Bench", "Method"] + [h for _, h, _ in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in w.iterrows():
+        name = r["method"] + (f" ({r['overrides']})" if r.get("overrides") not in (None, "", "default") else "")
+        cells = [r["model"], r["bench"], name] + [_fmt(r.get(m), f) for m, _, f in cols]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)

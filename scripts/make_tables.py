@@ -1,0 +1,43 @@
+"""Tables from the results store (rows.jsonl): speed, latency, FLOP-ideal speedup, fidelity and quality columns.
+
+    python scripts/make_tables.py                       # every model/bench in results/
+    python scripts/make_tables.py --model tiny --bench smoke --csv results/tables/tiny_smoke.csv
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results-root", type=Path, default=Path(os.environ.get("VARBENCH_RESULTS", "results")))
+    ap.add_argument("--model")
+    ap.add_argument("--bench")
+    ap.add_argument("--csv", type=Path, help="also write the wide table as CSV here")
+    ap.add_argument("--out", type=Path, help="also write the markdown here")
+    a = ap.parse_args(argv)
+    from eval import store, tables
+
+    df = store.load(a.results_root)
+    if not len(df):
+        print(f"no results in {a.results_root / 'rows.jsonl'}: run `python run.py` first", file=sys.stderr)
+        return 1
+    w = tables.wide(df, a.model, a.bench)
+    quality = sorted(set(w.columns) - {m for m, _, _ in tables.SPEED_COLUMNS}
+                     - {"model", "bench", "method", "overrides", "run", "gflops"})
+    md = tables.markdown(w, extra=quality)
+    print(md)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(md + "\n")
+    if a.csv:
+        a.csv.parent.mkdir(parents=True, exist_ok=True)
+        w.to_csv(a.csv, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Scoring pieces: FLOPs, fidelity, the results store and tables, and the default job end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+def test_flops_by_hand():
+    from nova.flops import generation_flops
+
+    C, hid, V = 4, 8, 2
+    rec = {"scale_hw": [(1, 1), (1, 2)], "tokens": [[1], [1]], "kv_len": [[1], [2]], "rows": [2, 2], "text_len": [3],
+           "batch": 1}
+    # scale 0: K=1, Lk=1: 8C²+4·1·C+4C²+4·3·C+4C·hid = 128+16+64+48+128 = 384; head 1·2·C·V = 16 -> (384+16)·2 rows
+    # scale 1: K=1 (of 2), Lk=2: 128+32+64+48+128 = 400; head 2·2·4·2 = 32 -> (400+32)·2
+    assert generation_flops(rec, C, hid, V) == (400 + 432) * 2
+
+
+def test_fidelity_identical_and_different():
+    from eval.fidelity import psnr_ssim
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 3, 32, 32, generator=g)
+    p, s = psnr_ssim(a, a.clone())
+    assert p == float("inf") and s == pytest.approx(1.0)
+    b = (a + 0.1 * torch.randn(1, 3, 32, 32, generator=g)).clamp(0, 1)
+    p2, s2 = psnr_ssim(b, a)
+    assert 15 < p2 < 25 and s2 < 0.95
+
+
+def test_store_dedupes_and_table_shows_missing_as_dash(tmp_path):
+    from eval import store, tables
+
+    base = {"model": "tiny", "bench": "smoke", "overrides": "default", "n": 4, "git_sha": "x"}
+    store.append_rows(tmp_path, [base | {"run": "a", "method": "none", "metric": "latency_s", "value": 2.0},
+                                 base | {"run": "b", "method": "nova", "metric": "latency_s", "value": 9.9},
+                                 base | {"run": "b", "method": "nova", "metric": "latency_s", "value": 1.0},
+                                 base | {"run": "b", "method": "nova", "metric": "speedup", "value": 2.0}])
+    df = store.load(tmp_path)
+    assert len(df) == 3  # the newest latency of run b replaces the older one
+    md = tables.markdown(tables.wide(df, "tiny", "smoke"))
+    lines = md.splitlines()
+    assert lines[2].startswith("| tiny | smoke | none |") and "| — |" in lines[2]  # none has no speedup row
+    assert "2.00×" in lines[3] and "1.000" in lines[3]
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, VARBENCH_RESULTS=str(tmp_path))
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_default_job_runs_nova_with_reference_and_prints_table(tmp_path):
+    r = _run(["bench.limit=2", "progress=false"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "reference (method=none)" in r.stdout
+    table = [ln for ln in r.stdout.splitlines() if ln.startswith("| tiny")]
+    assert [ln.split("|")[3].split()[0] for ln in table] == ["none", "nova"]
+    run_dir = tmp_path / "runs/tiny/smoke/nova/bench.limit=2"
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert {"speedup", "flop_speedup", "psnr", "ssim", "latency_s", "activation_rate"} <= set(m)
+    assert (run_dir / "entropy_activation.png").exists()
+    rec = json.loads((run_dir / "records.jsonl").read_text().splitlines()[0])
+    assert "t_star" in rec["method_summary"] and "ratios" in rec["method_summary"]
+
+
+def test_multirun_none_and_nova(tmp_path):
+    r = _run(["-m", "method=none,nova", "bench.limit=1", "progress=false"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    for m in ("none", "nova"):
+        assert (tmp_path / f"runs/tiny/smoke/{m}/bench.limit=1/records.jsonl").exists()
+    assert r.stdout.count("| tiny | smoke | nova (bench.limit=1) |") == 1
