@@ -15,7 +15,7 @@ def run_py(*args, env=None, timeout=300):
 
 def test_default_job_writes_images_and_resumes(tmp_path):
     env = {"VARBENCH_RESULTS": str(tmp_path)}
-    r = run_py("bench.limit=2", "progress=false", env=env)
+    r = run_py("method=none", "bench.limit=2", "progress=false", env=env)
     assert r.returncode == 0, r.stderr
     run_dir = tmp_path / "runs/tiny/smoke/none/bench.limit=2"  # named by overrides (progress excluded), not the clock
     imgs = sorted((run_dir / "images").glob("*.png"))
@@ -24,7 +24,7 @@ def test_default_job_writes_images_and_resumes(tmp_path):
     assert '"git_sha"' in meta and '"versions"' in meta and '"config"' in meta
     # a half-written image (killed run) is regenerated, a finished one is reused
     imgs[1].write_bytes(imgs[1].read_bytes()[:100])
-    r2 = run_py("bench.limit=2", "progress=false", env=env)
+    r2 = run_py("method=none", "bench.limit=2", "progress=false", env=env)
     assert r2.returncode == 0, r2.stderr
     assert "1 generated, 1 reused" in r2.stdout
     from PIL import Image
