@@ -15,6 +15,7 @@ BACKBONES = {
 METHODS = {
     "none": "nova.hooks:Method",
     "nova": "nova.methods.nova:Nova",
+    "fastvar": "baselines.fastvar:FastVAR",
 }
 
 

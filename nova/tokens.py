@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Selection:
-    """Kept token indices of the current scale, ``keep_idx`` [rows or 1, K] (int64, ascending), of ``n_total``.
+    """Kept token indices of the current scale, ``keep_idx`` [rows or 1, K] (int64), of ``n_total``.
+
+    The order is the method's: the kept tokens' K/V enter the cache in this order (FastVAR keeps descending score).
 
     One row means the same subset for every batch row (e.g. shared by both CFG halves). The backbone gathers
     per-token positional data (RoPE rows) with :meth:`gather` as well, so kept tokens keep their positions.

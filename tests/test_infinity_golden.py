@@ -60,3 +60,24 @@ def test_check_fixture_cli_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, "scripts/check_fixture.py", str(tmp_path / "tiny_2bstyle_meta.json")],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1 and "FAIL" in bad.stdout
+
+
+def test_fastvar_fixture_reproduces_official_fastvar():
+    from nova.fixtures import check_infinity_fixture, format_checks
+
+    checks = check_infinity_fixture(shared_path("fixtures", "fastvar", "meta.json"))
+    names = " ".join(c.name for c in checks)
+    for key in ("logits_cfg_s10", "kept_idx_s09 sets", "kept_idx_s10 order", "skipped scales", "summed_codes",
+                "image_uint8_bgr", "dbg_cache_b03_ffn"):
+        assert key in names
+    assert all(c.ok for c in checks), format_checks(checks)
+
+
+def test_fastvar_selection_reproduces_official_order_on_official_input():
+    from safetensors.torch import load_file
+
+    from baselines.fastvar import distance_to_mean_keep
+
+    t = load_file(str(shared_path("fixtures", "fastvar", "tensors.safetensors")))
+    idx = distance_to_mean_keep(t["dbg_x_in_b03_s09"], (32, 32), 615)
+    assert torch.equal(idx, t["kept_idx_s09"][0, 0].long())

@@ -1,0 +1,106 @@
+"""FastVAR: cached token pruning (Guo et al., ICCV 2025, arXiv 2503.23367), as the official code behaves.
+
+Official code: csguoh/FastVAR @34cdd65, ``Infinity/infinity/models/{infinity,fastvar_basic,fastvar_utils}.py``.
+Spec: ``shared/specs/methods.md`` §1. Each choice below is that code's behaviour:
+  * a fresh selection before **each branch** (SA, CA, FFN) on the current residual stream (``granularity="branch"``);
+  * score = squared L2 distance of a token to the spatial mean of the same map, **per batch row** (cond and uncond
+    rows get their own sets); keep the K = N − floor(N·ratio) highest, in descending-score order (the order in which
+    their K/V are appended to the cache);
+  * pruning only at the scales whose **width** is a key of ``prune_ratios`` and in blocks ``blocks[0]..blocks[1]``;
+  * restoration: the full branch output cached at the scale of width ``cache_width`` (written whenever that scale
+    runs), ``area``-resized to the current grid, with the kept tokens' fresh outputs scattered in;
+  * scales whose width is in ``skip_widths`` are skipped entirely (no blocks, head or sampling); the image is
+    decoded from the codes accumulated so far.
+Infinity-2B official schedule: prune {32: 0.4, 40: 0.5}, blocks 3..27, cache 24, skip {48, 64}.
+Infinity-8B has no official schedule: ``conf/method/fastvar_8b.yaml`` is **our port** (blocks 3..35).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nova.errors import UserError
+from nova.hooks import LayerCtx, Method, ScaleCtx, ScalePlan
+from nova.tokens import Selection, resize_grid
+
+
+@dataclass
+class FastVARConfig:
+    prune_ratios: dict = field(default_factory=lambda: {32: 0.4, 40: 0.5})   # scale width -> ratio
+    skip_widths: list = field(default_factory=lambda: [48, 64])
+    blocks: list = field(default_factory=lambda: [3, 27])                    # inclusive global block range
+    cache_width: int = 24
+    interp: str = "area"
+
+    def __post_init__(self):
+        self.prune_ratios = {int(k): float(v) for k, v in (self.prune_ratios or {}).items()}
+        for w, r in self.prune_ratios.items():
+            if not 0.0 <= r <= 1.0:
+                raise UserError(f"fastvar.prune_ratios[{w}] must be in [0, 1] (1 = bypass), got {r}")
+        if len(self.blocks) != 2 or self.blocks[0] > self.blocks[1]:
+            raise UserError(f"fastvar.blocks must be [first, last], got {self.blocks}")
+        self.skip_widths = [int(w) for w in self.skip_widths or []]
+
+
+def distance_to_mean_keep(x_BNC: torch.Tensor, hw: tuple[int, int], k: int) -> torch.Tensor:
+    """Per row: indices of the k tokens farthest (squared L2) from the row's spatial mean, descending score.
+
+    The mean is a 1×1 adaptive average pool of the (h, w) map and the sort runs over a [B, N, 1] score, as in
+    the official ``masked_previous_scale_cache``, so that near-ties break the same way (kept order = K/V order)."""
+    B, N, C = x_BNC.shape
+    mean = F.adaptive_avg_pool2d(x_BNC.view(B, *hw, C).permute(0, 3, 1, 2), (1, 1)).permute(0, 2, 3, 1).view(B, 1, C)
+    score = torch.sum((x_BNC - mean) ** 2, dim=-1, keepdim=True)
+    return torch.argsort(score, dim=1, descending=True)[:, :k, 0]
+
+
+class FastVAR(Method):
+    name = "fastvar"
+    CITATION = "FastVAR, arXiv 2503.23367; official csguoh/FastVAR @34cdd65 (Infinity/); shared/specs/methods.md §1"
+    Config = FastVARConfig
+    granularity = "branch"
+
+    def __init__(self, cfg: FastVARConfig | None = None):
+        self.cfg = cfg or FastVARConfig()
+        self.reset()
+
+    def reset(self, sctx: ScaleCtx | None = None) -> None:
+        self.cache: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, int]]] = {}
+        self.kept: dict[tuple[int, int, str], torch.Tensor] = {}   # (si, li, branch) -> keep_idx, for inspection
+        self.skipped: list[int] = []
+
+    def plan_scale(self, sctx: ScaleCtx) -> ScalePlan:
+        skip = sctx.hw[1] in self.cfg.skip_widths
+        if skip:
+            self.skipped.append(sctx.si)
+        return ScalePlan(skip=skip)
+
+    def _in_blocks(self, li: int) -> bool:
+        return self.cfg.blocks[0] <= li <= self.cfg.blocks[1]
+
+    def select(self, lctx: LayerCtx, x: torch.Tensor) -> Selection | None:
+        w, n = lctx.scale.hw[1], x.shape[1]
+        if w == self.cfg.cache_width:
+            return Selection.all(n, x.device)  # run everything; restore() records the branch output
+        ratio = self.cfg.prune_ratios.get(w)
+        if ratio is None or not self._in_blocks(lctx.li):
+            return None
+        k = n - int(n * ratio)
+        idx = distance_to_mean_keep(x, lctx.scale.hw, k)
+        self.kept[(lctx.si, lctx.li, lctx.branch)] = idx
+        return Selection(idx, n)
+
+    def restore(self, lctx: LayerCtx, x_in, y_kept, sel):
+        key = (lctx.li, lctx.branch)
+        if lctx.scale.hw[1] == self.cfg.cache_width:  # full branch output (after its gamma) of the cache scale
+            self.cache[key] = ((y_kept - x_in).detach(), lctx.scale.hw)
+            return y_kept
+        if key not in self.cache:
+            raise RuntimeError(f"FastVAR: no cache scale of width {self.cfg.cache_width} ran before scale {lctx.si}")
+        out, hw = self.cache[key]
+        return sel.scatter(y_kept, x_in + resize_grid(out, hw, lctx.scale.hw, self.cfg.interp).to(x_in.dtype))
+
+    def summary(self) -> dict:
+        return {"skipped_scales": list(self.skipped),
+                "tokens_kept": {f"{si}/{li}/{b}": int(v.shape[-1]) for (si, li, b), v in list(self.kept.items())[:1]}}
