@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # README "Recommended tolerances for a re-implementation in fp32"
 TOL = {"logits_cfg": 1e-4, "logits_cond": 5e-5, "logits_uncond": 5e-5, "entropy": 1e-4, "image": 1e-4, "codes": 1e-4,
@@ -257,3 +258,77 @@ def format_checks(checks: list[Check]) -> str:
     lines = [f"{c.name:<{w}}  max|Δ|={c.max_abs_diff:.3g}  tol={c.tol:g}  {'PASS' if c.ok else 'FAIL'}" for c in checks]
     verdict = "PASS" if all(c.ok for c in checks) else "FAIL"
     return "\n".join(lines + [f"{verdict}: {sum(c.ok for c in checks)}/{len(checks)} checks within tolerance"])
+
+
+@torch.no_grad()
+def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
+    """SkipVAR fixture: decision features/decisions on six code pairs, and three full generation traces."""
+    from safetensors.torch import load_file
+
+    from baselines.skipvar import SkipVAR, features
+    from nova.harness import to_uint8
+    from nova.loop import generate
+
+    meta_path = Path(meta_path)
+    meta = json.loads(meta_path.read_text())
+    bb, _, _ = build_from_meta(meta_path.parent.parent / "fastvar" / "meta.json")  # same weights (README)
+    t = load_file(str(meta_path.parent / "tensors.safetensors"))
+    out: list[Check] = []
+    tol_feat = 1e-5
+    m = SkipVAR()
+    for p in meta["pairs"]:
+        k = f"pair{p['pair']}_"
+        small_old = F.interpolate(t[k + "summed_codes_s08"], size=(1, *bb.vae_hws[4]), mode="trilinear")
+        small_new = F.interpolate(t[k + "summed_codes_s09"], size=(1, *bb.vae_hws[4]), mode="trilinear")
+        out.append(Check(k + "small_codes", max(_diff(small_old, t[k + "small_codes_old"]),
+                                                _diff(small_new, t[k + "small_codes_new"])), TOL["codes"]))
+        old, new = bb.preview(t[k + "summed_codes_s08"], 4), bb.preview(t[k + "summed_codes_s09"], 4)
+        out.append(Check(k + "decoded", max(_diff(old, t[k + "decoded_old"]), _diff(new, t[k + "decoded_new"])), TOL["image"]))
+        x = list(features(old, new))
+        out.append(Check(k + "features", max(abs(x[0] - p["diff_hf"]), abs(x[1] - p["hf_ratio"])), tol_feat))
+        sk = m.skip_model.scores(x)
+        out.append(Check(k + "skip_scores", max(abs(a - b) for a, b in zip(sk, p["skip_scores"])), 1e-3))
+        un = m.uncond_model.predict(x)
+        wrong = int(m.skip_model.predict(x) != p["skip_pred"]) + int(un != p["uncond_pred_raw"])
+        out.append(Check(k + "decisions (wrong)", float(wrong), TOL["exact"]))
+    for li, lp in enumerate(meta["loops"]):
+        k = f"loop{li}_"
+        cu = t[k + "cu_seqlens_k"].long()
+        bb.text = FixedText(t[k + "kv_compact"], (cu[1:] - cu[:-1]).tolist())
+        bb.sampling.tau = lp["tau"]
+        bits = [t[f"{k}bits_s{si:02d}"] for si in range(13) if f"{k}bits_s{si:02d}" in t]
+        rec = _recording(SkipVAR())
+        bb.forced_bits = bits
+        res = generate(bb, [""], rec)
+        bb.forced_bits = None
+        d = rec.decision
+        out.append(Check(k + "features", max(abs(d["diff_hf"] - lp["features"][0]), abs(d["hf_ratio"] - lp["features"][1])), tol_feat))
+        ran = [si for si in range(13) if si not in res.record.skipped_scales]
+        wrong = int(ran != lp["scales_run"]) + int(res.record.cond_only_from != lp["cond_only_from"])
+        wrong += int(d["skip_pred"] != lp["skip_pred"]) + int(d.get("uncond_pred") != lp["uncond_pred"])
+        out.append(Check(k + "scales run / cond-only / decisions (wrong)", float(wrong), TOL["exact"]))
+        worst = 0.0
+        for si in lp["scales_run"]:
+            for kind in ("cfg", "cond", "uncond"):
+                key = f"{k}logits_{kind}_s{si:02d}"
+                got = rec.logits.get(si, {}).get(kind)
+                if key in t:
+                    worst = max(worst, float("inf") if got is None else _diff(got, t[key]))
+                elif got is not None and kind == "uncond":
+                    worst = float("inf")  # an uncond branch ran where the official one did not
+        out.append(Check(k + "logits (all scales, cfg/cond/uncond)", worst, TOL["logits_cfg"]))
+        out.append(Check(k + "summed_codes", _diff(res.state.summed, t[k + "summed_codes"]), TOL["codes"]))
+        out.append(Check(k + "image_crop128", _diff(res.images[..., :128, :128], t[k + "image_pm1_crop128"]), TOL["image"]))
+        out.append(Check(k + "image_uint8_bgr_crop128", _diff(to_uint8(res.images[..., :128, :128]).flip(-1),
+                                                             t[k + "image_uint8_bgr_hwc_crop128"]), TOL["uint8"]))
+        rng = torch.Generator().manual_seed(int(lp["g_seed"]))
+        res2 = generate(bb, [""], SkipVAR(), rng)
+        same = len(res2.state.bits) == len(bits) and all(torch.equal(a, b) for a, b in zip(res2.state.bits, bits))
+        out.append(Check(k + "sampled bits with g_seed (0 = identical)", 0.0 if same else 1.0, TOL["exact"]))
+    return out
+
+
+def check_fixture(meta_path: str | Path) -> list[Check]:
+    """Dispatch on the fixture kind (Infinity / FastVAR: the same checker; SkipVAR: decisions and traces)."""
+    src = json.dumps(json.loads(Path(meta_path).read_text()).get("source", "")).lower()
+    return check_skipvar_fixture(meta_path) if "skipvar" in src else check_infinity_fixture(meta_path)

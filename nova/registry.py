@@ -16,6 +16,7 @@ METHODS = {
     "none": "nova.hooks:Method",
     "nova": "nova.methods.nova:Nova",
     "fastvar": "baselines.fastvar:FastVAR",
+    "skipvar": "baselines.skipvar:SkipVAR",
 }
 
 

@@ -22,10 +22,10 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from nova.fixtures import check_infinity_fixture, format_checks
+    from nova.fixtures import check_fixture, format_checks
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    checks = check_infinity_fixture(args.meta)
+    checks = check_fixture(args.meta)
     print(f"fixture: {args.meta}")
     print(format_checks(checks))
     return 0 if all(c.ok for c in checks) else 1

@@ -81,3 +81,12 @@ def test_fastvar_selection_reproduces_official_order_on_official_input():
     t = load_file(str(shared_path("fixtures", "fastvar", "tensors.safetensors")))
     idx = distance_to_mean_keep(t["dbg_x_in_b03_s09"], (32, 32), 615)
     assert torch.equal(idx, t["kept_idx_s09"][0, 0].long())
+
+
+def test_skipvar_fixture_reproduces_official_decisions_and_traces():
+    from nova.fixtures import check_fixture, format_checks
+
+    checks = check_fixture(shared_path("fixtures", "skipvar", "meta.json"))
+    names = " ".join(c.name for c in checks)
+    assert all(f"pair{i}_decisions" in names for i in range(6)) and all(f"loop{i}_logits" in names for i in range(3))
+    assert all(c.ok for c in checks), format_checks(checks)

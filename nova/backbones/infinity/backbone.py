@@ -42,6 +42,7 @@ class InfinityCond:
     mem: TextMemory               # cross-attention memory
     batch: int                    # images B
     rows: int                     # B, or 2B with CFG
+    cfg: bool = False             # CFG is on for this generation (stays True when a method drops the uncond rows)
 
 
 @dataclass
@@ -108,14 +109,14 @@ class InfinityBackbone:
         if use_cfg:  # uncond = cfg_uncond[:len_i] per prompt, appended after the cond rows (spec §2)
             kv, lens = torch.cat((kv, self.model.uncond_text(lens).to(kv.dtype)), 0), lens + lens
         sos, gss, mem = self.model.encode_text(kv, lens)
-        return InfinityCond(sos, gss, mem, B, len(lens))
+        return InfinityCond(sos, gss, mem, B, len(lens), use_cfg)
 
     def text_lengths(self, cond: InfinityCond) -> list[int]:
         return cond.mem.mask_BT[: cond.batch].sum(1).tolist()
 
     def cond_only(self, cond: InfinityCond) -> InfinityCond:
         B = cond.batch
-        return InfinityCond(cond.sos[:B], cond.gss[:B], cond.mem.rows(B), B, B)
+        return InfinityCond(cond.sos[:B], cond.gss[:B], cond.mem.rows(B), B, B, cond.cfg)
 
     def init_state(self, cond) -> InfinityState:
         return InfinityState()
@@ -166,12 +167,23 @@ class InfinityBackbone:
 
     def guide(self, logits: torch.Tensor, cond: InfinityCond, scale):
         """(cond, uncond or None, guided) logits. cond/uncond are raw; guided = cfg·(cond/tau) + (1-cfg)·(uncond/tau)
-        with CFG on logits (official order: ``.mul(1/tau)`` first, then the mix; spec §6.3)."""
+        with CFG on logits (official order: ``.mul(1/tau)`` first, then the mix; spec §6.3). When a method dropped
+        the unconditional branch, guided = cfg·ℓ + (1-cfg)·ℓ with ℓ = cond/tau (SkipVAR's official formula)."""
         B, tau, cfg = cond.batch, self.sampling.per_scale(self.sampling.tau, scale.si), self._cfg(scale.si)
         lc, lu = logits[:B], (logits[B:] if cond.rows > B else None)
-        if lu is not None and self.sampling.cfg_insertion_layer == 0 and cfg != 1:
+        on_logits = self.sampling.cfg_insertion_layer == 0 and cfg != 1
+        if on_logits and lu is not None:
             return lc, lu, cfg * lc.mul(1 / tau) + (1 - cfg) * lu.mul(1 / tau)
+        if on_logits and cond.cfg:
+            lcs = lc.mul(1 / tau)
+            return lc, None, cfg * lcs + (1 - cfg) * lcs
         return lc, lu, lc.mul(1 / tau)
+
+    def preview(self, summed: torch.Tensor, si: int) -> torch.Tensor:
+        """Decode accumulated codes resized (trilinear, as the official code) to the VAE grid of scale ``si``."""
+        z = F.interpolate(summed, size=(1, *self.vae_hws[si]), mode="trilinear").squeeze(2)
+        with torch.autocast(self.device.type, enabled=False):
+            return self.vae.decode(z.float())
 
     def sample(self, logits, scale, rng):
         if self.forced_bits is not None and scale.si < len(self.forced_bits):  # official ``gt_leak``
