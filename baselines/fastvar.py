@@ -102,5 +102,8 @@ class FastVAR(Method):
         return sel.scatter(y_kept, x_in + resize_grid(out, hw, lctx.scale.hw, self.cfg.interp).to(x_in.dtype))
 
     def summary(self) -> dict:
+        claimed: dict[str, dict[int, list]] = {}
+        for (si, li, _), idx in self.kept.items():
+            claimed.setdefault(str(si), {}).setdefault(li, []).append(idx.shape[-1])
         return {"skipped_scales": list(self.skipped),
-                "tokens_kept": {f"{si}/{li}/{b}": int(v.shape[-1]) for (si, li, b), v in list(self.kept.items())[:1]}}
+                "tokens_kept": {si: {str(li): ks for li, ks in d.items()} for si, d in claimed.items()}}

@@ -133,3 +133,6 @@ class SkipVAR(Method):
 
     def summary(self) -> dict:
         return dict(self.decision, stop_at=self.stop_at, cond_only_from=self.cond_only_from)
+
+    def claimed_skips(self, num_scales: int) -> list[int]:
+        return list(range(self.stop_at, num_scales)) if self.stop_at is not None else []

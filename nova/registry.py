@@ -17,6 +17,7 @@ METHODS = {
     "nova": "nova.methods.nova:Nova",
     "fastvar": "baselines.fastvar:FastVAR",
     "skipvar": "baselines.skipvar:SkipVAR",
+    "sparsevar": "baselines.sparsevar:SparseVAR",
 }
 
 
@@ -36,6 +37,12 @@ def build_method(mcfg: dict):
     opts = {k: v for k, v in mcfg.items() if k not in ("name", "method")}
     key = mcfg.get("method", mcfg["name"])  # ablation configs name their own row but reuse a class
     cls = method_class(key)
+    m = _construct(cls, key, opts)
+    m.name = str(mcfg["name"])  # rows are named by the config (nova_attn, fastvar_8b, ...), not by the class
+    return m
+
+
+def _construct(cls, key: str, opts: dict):
     if not opts:
         return cls()
     cfg_cls = getattr(cls, "Config", None)

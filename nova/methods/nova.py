@@ -106,7 +106,8 @@ class NovaConfig:
     scale_linkage: bool = True        # Eq. 11; False requires fixed_ratios
     layer_linkage: bool = True        # Eqs. 12-13
     fixed_ratios: dict | None = None  # {grid width: ratio}: Table 5's baseline schedules instead of Eq. 11
-    selection: str = "entropy"        # entropy | mse (Table 4)
+    selection: str = "entropy"        # entropy | mse | attn (Table 4)
+    ratio_one_means: str = "bypass_blocks"  # bypass_blocks | skip_scale (a fixed ratio of 1 skips the scale)
     entropy_branch: str = "guided"    # guided | cond
     entropy_reduction: str = "sum"    # sum | mean_bit
     log_base: str = "e"               # e | 2
@@ -118,7 +119,7 @@ class NovaConfig:
     record_layer_entropy: bool = True
 
     def __post_init__(self):
-        choices = {"selection": ("entropy", "mse"), "entropy_branch": ("guided", "cond"),
+        choices = {"selection": ("entropy", "mse", "attn"), "ratio_one_means": ("bypass_blocks", "skip_scale"), "entropy_branch": ("guided", "cond"),
                    "entropy_reduction": ("sum", "mean_bit"), "log_base": ("e", "2"),
                    "cfg_index_mode": ("shared", "per_branch"), "interp": ("area", "bilinear", "bicubic", "nearest"),
                    "eta_nonpositive": ("literal", "activate_immediately", "never")}
@@ -154,6 +155,10 @@ class Nova(Method):
         self.ratios: dict[int, list] = {}        # si -> [ratio per layer]
         self.layer_H: dict[int, list] = {}       # si -> [H̄_{t,j} per layer]
         self._scale_base: float | None = None
+        self.claimed: dict[str, list] = {}      # si -> tokens each layer computes (checked by the contract tests)
+        self.attn_map: torch.Tensor | None = None   # [rows, n]: attention mass each token of this scale received
+        self.attn_prev: tuple | None = None         # the last layer's map at the previous scale, (map, hw)
+        self._sel: Selection | None = None
 
     # -- entropy of a logits tensor in the configured unit
     def _entropy(self, logits: torch.Tensor, head_type: str, d: int) -> torch.Tensor:
@@ -206,15 +211,57 @@ class Nova(Method):
         r = min(max(r, 0.0), c.r_max)
         self.ratios[si].append(r)
         k = keep_count(n, r, c.r_max, c.min_keep)
+        self.claimed.setdefault(str(si), []).append(float(k))
+        self._sel = None
         if k >= n:
             return None
-        if c.selection == "mse" and li in self.cache:
+        if c.selection == "attn" and (self.attn_map is not None or self.attn_prev is not None):
+            score = self._attn_score(lctx, n)
+        elif c.selection == "mse" and li in self.cache:
             res, hw = self.cache[li]
             score = resize_grid(res.float().pow(2).mean(-1, keepdim=True), hw, lctx.scale.hw, c.interp)[..., 0]
             score = score.mean(0, keepdim=True) if c.cfg_index_mode == "shared" else score
         else:
             score = rank
-        return Selection.top_k(score, k)
+        self._sel = Selection.top_k(score, k)
+        return self._sel
+
+    # -- NOVA w/ Attn (Table 4; our operational reading, methods.md §2.4): rank by the attention mass a token
+    #    received from the current scale's queries in block j-1 (block 1: the previous scale's last block, resized)
+    def _attn_score(self, lctx: LayerCtx, n: int) -> torch.Tensor:
+        if lctx.li == 0 or self.attn_map is None:
+            m, hw = self.attn_prev
+            return resize_grid(m[..., None], hw, lctx.scale.hw, self.cfg.interp)[..., 0].mean(0, keepdim=True)
+        return self.attn_map.mean(0, keepdim=True)
+
+    def attention(self, lctx: LayerCtx):
+        if self.cfg.selection != "attn" or lctx.si + 1 < self.cfg.t_est + 1:
+            return None
+        from nova.attention import reference_attention
+
+        if lctx.li == 0:
+            self.attn_map = None
+
+        def sink(stats):
+            mass = stats["key_mass"]                       # [rows, Lk]; this scale's keys are the last Kq
+            kq = stats["query_entropy"].shape[-1]
+            n = lctx.scale.hw[0] * lctx.scale.hw[1]
+            if self.attn_map is None or self.attn_map.shape != (mass.shape[0], n):
+                self.attn_map = torch.zeros(mass.shape[0], n, device=mass.device)
+            idx = (self._sel.keep_idx if self._sel is not None else torch.arange(n)[None]).to(mass.device)
+            self.attn_map = self.attn_map.scatter(1, idx.expand(mass.shape[0], -1), mass[:, -kq:].float())
+            if lctx.li == lctx.scale.backbone.spec.depth - 1:
+                self.attn_prev = (self.attn_map.clone(), lctx.scale.hw)
+
+        return reference_attention(sink)
+
+    def plan_scale(self, sctx: ScaleCtx):
+        from nova.hooks import ScalePlan
+
+        c = self.cfg
+        skip = (c.ratio_one_means == "skip_scale" and bool(c.fixed_ratios) and self._active(sctx.si)
+                and c.fixed_ratios.get(sctx.hw[1], 0.0) >= 1.0)
+        return ScalePlan(skip=skip)
 
     def _restore_base(self, lctx: LayerCtx, x_in: torch.Tensor) -> torch.Tensor:
         """Eq. 16: input + the same block's residual at the previous scale, interpolated to this grid."""
@@ -244,4 +291,5 @@ class Nova(Method):
                 "first_pruned_si": None if self.t_star is None else self.t_star,  # 0-based index of scale t*+1
                 "eta": eta, "entropy_per_scale": H, "growth": growth_rates(H),
                 "ratios": {str(k): v for k, v in self.ratios.items()},
-                "layer_entropy": {str(k): v for k, v in self.layer_H.items()}}
+                "layer_entropy": {str(k): v for k, v in self.layer_H.items()},
+                "tokens_claimed": dict(self.claimed)}
