@@ -17,6 +17,22 @@ SPEED_COLUMNS = [
 ]
 
 
+# Methods whose rows need a footnote (prefix match on the row's method name).
+FOOTNOTES = {
+    "sparsevar": "SparseVAR is reconstructed from its paper: no official code or schedule is public; defaults are ours.",
+    "nova_sparsevar": "NOVA‡ uses our SparseVAR ratios (SparseVAR's schedule is unknown).",
+    "fastvar_8b": "FastVAR on Infinity-8B is our port of the 2B schedule (no official 8B setting).",
+    "nova_attn": "NOVA w/ Attn: the paper does not define the attention score; ours is methods.md §2.4.",
+}
+
+
+def _note(method: str) -> int | None:
+    for i, key in enumerate(FOOTNOTES):
+        if method.startswith(key):
+            return i
+    return None
+
+
 def _fmt(v, fmt: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
@@ -42,8 +58,16 @@ def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None) -> str:
     cols = [c for c in columns if c[0] in w.columns] + [(m, m, "{:.4g}") for m in (extra or []) if m in w.columns]
     head = ["Model", "Bench", "Method"] + [h for _, h, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    used = []
     for _, r in w.iterrows():
-        name = r["method"] + (f" ({r['overrides']})" if r.get("overrides") not in (None, "", "default") else "")
+        note = _note(r["method"])
+        mark = ""
+        if note is not None:
+            used.append(note) if note not in used else None
+            mark = "[" + str(used.index(note) + 1) + "]"
+        name = r["method"] + mark + (f" ({r['overrides']})" if r.get("overrides") not in (None, "", "default") else "")
         cells = [r["model"], r["bench"], name] + [_fmt(r.get(m), f) for m, _, f in cols]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    keys = list(FOOTNOTES)
+    lines += [""] * bool(used) + [f"[{i + 1}] {FOOTNOTES[keys[n]]}" for i, n in enumerate(used)]
     return "\n".join(lines)

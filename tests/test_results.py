@@ -75,3 +75,13 @@ def test_multirun_none_and_nova(tmp_path):
     for m in ("none", "nova"):
         assert (tmp_path / f"runs/tiny/smoke/{m}/bench.limit=1/records.jsonl").exists()
     assert r.stdout.count("| tiny | smoke | nova (bench.limit=1) |") == 1
+
+
+def test_bench_speed_prints_ratios_in_one_process():
+    r = subprocess.run([sys.executable, "scripts/bench_speed.py", "--methods", "none,nova", "--prompts", "1",
+                        "--repeats", "1", "--warmup", "0", "--set", "nova.t_star=6"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| n")]
+    assert rows[0].startswith("| none |") and "1.00x | 1.00x" in rows[0] and rows[1].startswith("| nova |")
+    assert "CPU" in r.stdout  # labelled when no GPU
