@@ -6,12 +6,12 @@ class UserError(Exception):
 
 
 class MissingWeights(UserError):
-    def __init__(self, missing: list[tuple[str, str, str]]):
+    def __init__(self, missing: list[tuple[str, str, str]], setting: str = "model.weights_dir"):
         """``missing``: (file, where we looked, where it is published)."""
         self.missing = missing
         parts = [f"{f} (looked in {where}; published at {url})" for f, where, url in missing]
         super().__init__("missing weights: " + "; ".join(parts)
-                         + " -- set VARBENCH_WEIGHTS or model.weights_dir to the folder that holds them")
+                         + f" -- set VARBENCH_WEIGHTS or {setting} to the folder that holds them")
 
 
 def did_you_mean(name: str, choices) -> str:

@@ -46,18 +46,23 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
 
 
 def bench_items(bench: dict, base_seed: int) -> list[Item]:
-    """Prompts x images_per_prompt; seed = base_seed + index (a fixed rule, independent of batching)."""
-    prompts = list(bench.get("prompts") or [])
+    """Prompts x images_per_prompt in the bench's file layout; seed = base_seed + item index (a fixed rule,
+    independent of batching, resumable; the official GenEval script draws its 4 samples sequentially instead)."""
+    from eval.datasets import load_prompts
+    from eval.layouts import relpath
+
+    prompts = load_prompts(bench)
     if not prompts:
         raise UserError(f"bench {bench.get('name')!r} has no prompts")
-    n_per = int(bench.get("images_per_prompt", 1))
-    items = []
-    for pi, p in enumerate(prompts):
-        for j in range(n_per):
-            i = pi * n_per + j
-            items.append(Item(i, p, base_seed + i, f"{i:05d}.png"))
     limit = bench.get("limit")
-    return items[: int(limit)] if limit else items
+    prompts = prompts[: int(limit)] if limit else prompts
+    n_per, layout = int(bench.get("images_per_prompt", 1)), bench.get("layout", "flat")
+    items = []
+    for p in prompts:
+        for k in range(n_per):
+            i = len(items)
+            items.append(Item(i, p.prompt, base_seed + i, relpath(layout, p.key, p.index, k, n_per)))
+    return items
 
 
 def git_sha() -> str:
@@ -90,12 +95,14 @@ def to_uint8(images_pm1: torch.Tensor) -> torch.Tensor:
     return ((images_pm1.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).mul(255).to(torch.uint8).cpu()
 
 
-def save_png(arr_HW3: torch.Tensor, path: Path) -> None:
+def save_image(arr_HW3: torch.Tensor, path: Path) -> None:
+    """PNG, or JPEG (quality 95, cv2's default, as the official scripts save) for a .jpg path; atomic."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr_HW3.numpy()).save(tmp, format="PNG")
+    jpg = path.suffix.lower() in (".jpg", ".jpeg")
+    Image.fromarray(arr_HW3.numpy()).save(tmp, format="JPEG" if jpg else "PNG", **({"quality": 95} if jpg else {}))
     os.replace(tmp, path)
 
 
@@ -143,7 +150,7 @@ def generate_items(backbone, method, items: list[Item], image_dir: Path, records
             out = generate(backbone, [it.prompt for it in batch], method, rng)
             imgs = to_uint8(out.images)
             for it, img, rec in zip(batch, imgs, out.record.per_image()):
-                save_png(img, image_dir / it.relpath)
+                save_image(img, image_dir / it.relpath)
                 rec.update(index=it.index, prompt=it.prompt, seed=it.seed, image=it.relpath,
                            method=method.name, method_summary=out.method_summary)
                 f.write(json.dumps(rec) + "\n")
@@ -151,6 +158,16 @@ def generate_items(backbone, method, items: list[Item], image_dir: Path, records
             bar.update(len(batch))
     bar.close()
     return {"generated": len(todo), "reused": len(items) - len(todo)}
+
+
+def _finalize_layout(bench: dict, image_dir: Path) -> None:
+    from eval.datasets import load_prompts
+    from eval.layouts import finalize
+
+    prompts = load_prompts(bench)
+    limit = bench.get("limit")
+    finalize(bench.get("layout", "flat"), image_dir, prompts[: int(limit)] if limit else prompts,
+             int(bench.get("images_per_prompt", 1)))
 
 
 def reference_dir(run_dir: Path) -> Path:
@@ -180,15 +197,34 @@ def score_run(cfg: dict, run_dir: Path, backbone, method_name: str, ref_dir: Pat
     if method_name == "none":  # the reference itself: speedup 1 by definition, no fidelity to itself
         ref, ref_dir = recs, None
     metrics = run_metrics(recs, backbone, ref, run_dir / "images", ref_dir / "images" if ref_dir else None)
-    (run_dir / "metrics.json").write_text(json.dumps({k: {"value": v, "n": n} for k, (v, n) in metrics.items()}, indent=1))
     root = Path(cfg["results_root"])
     base = {"run": str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
             "model": cfg["model"]["name"], "method": method_name, "bench": cfg["bench"]["name"],
             "overrides": run_dir.name, "git_sha": git_sha()}
-    store.append_rows(root, [base | {"metric": k, "value": v, "n": n} for k, (v, n) in metrics.items() if v is not None])
+
+    def save(ms: dict) -> None:
+        (run_dir / "metrics.json").write_text(json.dumps({k: {"value": v, "n": n} for k, (v, n) in ms.items()}, indent=1))
+        store.append_rows(root, [base | {"metric": k, "value": v, "n": n} for k, (v, n) in ms.items() if v is not None])
+
+    save(metrics)                                    # speed and fidelity first: a scorer error loses nothing
+    quality = bench_metrics(cfg, run_dir, len(recs))
+    if quality:
+        metrics.update(quality)
+        save(metrics)
     plot_entropy_activation(list(recs.values()), run_dir / "entropy_activation.png",
                             f"{cfg['model']['name']} / {method_name} / {cfg['bench']['name']}")
     return metrics
+
+
+def bench_metrics(cfg: dict, run_dir: Path, n: int) -> dict[str, tuple[float, int]]:
+    """The bench's quality metrics (``bench.metrics``: GenEval, ...), each from its scorer in ``eval/``."""
+    from nova.registry import metric_fn
+
+    out = {}
+    for name in cfg["bench"].get("metrics") or []:
+        values = metric_fn(name)(cfg["bench"], run_dir / "images", run_dir, str(cfg.get("device", "cpu")))
+        out.update({k: (v, n) for k, v in values.items()})
+    return out
 
 
 def print_table(cfg: dict) -> str:
@@ -220,6 +256,7 @@ def run(cfg: dict, run_dir: Path) -> dict:
     if stage in ("generate", "all"):
         _warmup(backbone, method, items, int(cfg.get("warmup", 1)))
         counts = generate_items(backbone, method, items, run_dir / "images", run_dir / "records.jsonl", bs, prog)
+        _finalize_layout(cfg["bench"], run_dir / "images")
         if use_ref:
             ref_dir.mkdir(parents=True, exist_ok=True)
             if not (ref_dir / "meta.json").exists():

@@ -21,6 +21,11 @@ METHODS = {
 }
 
 
+METRICS = {
+    "geneval": "eval.geneval.scorer:run",
+}
+
+
 def _load(table: dict, kind: str, name: str):
     if name not in table:
         raise UserError(f"unknown {kind} {name!r}{did_you_mean(name, table)}; known: {', '.join(sorted(table))}")
@@ -52,6 +57,10 @@ def _construct(cls, key: str, opts: dict):
         return cls(cfg_cls(**opts))
     except TypeError as e:
         raise UserError(f"bad options for method {key!r}: {e}") from None
+
+
+def metric_fn(name: str):
+    return _load(METRICS, "metric", name)
 
 
 def build_backbone(model_cfg: dict, device: str, dtype: str):

@@ -1,6 +1,7 @@
 """Tables from the results store (rows.jsonl): speed, latency, FLOP-ideal speedup, fidelity and quality columns.
 
     python scripts/make_tables.py                       # every model/bench in results/
+    python scripts/make_tables.py --paper               # the paper's Tables 1-5, ours beside the paper's
     python scripts/make_tables.py --model tiny --bench smoke --csv results/tables/tiny_smoke.csv
 """
 import argparse
@@ -18,10 +19,20 @@ def main(argv=None) -> int:
     ap.add_argument("--bench")
     ap.add_argument("--csv", type=Path, help="also write the wide table as CSV here")
     ap.add_argument("--out", type=Path, help="also write the markdown here")
+    ap.add_argument("--paper", action="store_true", help="print the paper's Tables 1-5 with our numbers beside them")
     a = ap.parse_args(argv)
     from eval import store, tables
 
     df = store.load(a.results_root)
+    if a.paper:
+        from eval import paper
+
+        md = "\n\n".join(paper.render(n, df) for n in sorted(paper.TABLES))
+        print(md)
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(md + "\n")
+        return 0
     if not len(df):
         print(f"no results in {a.results_root / 'rows.jsonl'}: run `python run.py` first", file=sys.stderr)
         return 1

@@ -85,3 +85,16 @@ def test_bench_speed_prints_ratios_in_one_process():
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| n")]
     assert rows[0].startswith("| none |") and "1.00x | 1.00x" in rows[0] and rows[1].startswith("| nova |")
     assert "CPU" in r.stdout  # labelled when no GPU
+
+
+def test_paper_tables_show_ours_beside_the_paper(tmp_path):
+    from eval import paper, store
+
+    base = {"model": "infinity_2b", "method": "nova", "bench": "geneval", "overrides": "default", "n": 2212,
+            "git_sha": "x", "run": "r"}
+    store.append_rows(tmp_path, [base | {"metric": "geneval_overall", "value": 0.70}])
+    t1 = paper.render(1, store.load(tmp_path))
+    row = next(ln for ln in t1.splitlines() if ln.startswith("| infinity_2b | nova |"))
+    assert "0.70 / 0.72 (-0.02)" in row and "— / 2.89" in row   # measured: with Δ; unmeasured: '—'
+    for n in paper.TABLES:
+        assert paper.render(n, None).count("| ") > 3

@@ -20,48 +20,8 @@ from nova.backbones.infinity.model import InfinityTransformer
 from nova.backbones.infinity.schedules import get_schedule
 from nova.backbones.infinity.text import T5TextEncoder
 from nova.backbones.infinity.vae import BSQVAE, load_vae_state_dict
-from nova.errors import MissingWeights, UserError
-
-
-# ---------------------------------------------------------------- file lookup
-def weights_dir(cfg_dir: str | None) -> Path:
-    return Path(os.path.expanduser(cfg_dir or os.environ.get("VARBENCH_WEIGHTS", "~/.cache/varbench/weights")))
-
-
-def find_file(name: str, wdir: Path, hf_repo: str | None, snapshot: bool = False) -> Path | None:
-    """``<wdir>/<name>``, else the HF hub cache (a file of ``hf_repo``, or with ``snapshot`` the whole repo)."""
-    p = wdir / name
-    if p.exists():
-        return p
-    if not hf_repo:
-        return None
-    try:
-        from huggingface_hub import snapshot_download, try_to_load_from_cache
-
-        if snapshot:
-            return Path(snapshot_download(hf_repo, local_files_only=True))
-        hit = try_to_load_from_cache(hf_repo, name)
-        if isinstance(hit, str):
-            return Path(hit)
-        snap = Path(snapshot_download(hf_repo, local_files_only=True, allow_patterns=[f"{name}/*"]))
-        return snap / name if (snap / name).exists() else None
-    except Exception:  # noqa: BLE001 - not cached (the hub raises several kinds of errors offline)
-        return None
-
-
-def resolve_files(files: dict, wdir: Path) -> dict[str, Path]:
-    """``files``: role -> {file, hf_repo, url}. Returns role -> path, or raises one MissingWeights for all."""
-    found, missing = {}, []
-    for role, f in files.items():
-        p = find_file(f["file"], wdir, f.get("hf_repo"), bool(f.get("snapshot")))
-        if p is None:
-            where = f"{wdir}" + (f" and the HF cache of {f['hf_repo']}" if f.get("hf_repo") else "")
-            missing.append((f["file"], where, f.get("url", f.get("hf_repo", "?"))))
-        else:
-            found[role] = p
-    if missing:
-        raise MissingWeights(missing)
-    return found
+from nova.errors import UserError
+from nova.weights import find_file, resolve_files, weights_dir  # noqa: F401  (re-exported for tests)
 
 
 # ---------------------------------------------------------------- state dicts

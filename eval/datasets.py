@@ -1,0 +1,83 @@
+"""Benchmark prompt sets: where each file comes from, where it is cached, and how a bench becomes items.
+
+Files are looked up in ``bench.data_dir`` (default ``$VARBENCH_DATA``, else ``~/.cache/varbench/data``) under
+``<source>/<file>``. ``python scripts/fetch_benchmarks.py <source>`` downloads them from the official source into
+that cache and records the URL and sha256 beside them (``<file>.source.json``). Nothing is downloaded at run time:
+a missing file stops the run with one line naming it and the fetch command.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nova.errors import UserError
+
+SOURCES = {  # source -> file -> official URL (pinned commits, as in shared/specs/evaluation.md)
+    "geneval": {
+        "evaluation_metadata.jsonl": "https://raw.githubusercontent.com/djghosh13/geneval/af4902f24d3ca90ebbb446dd9891a59e0f82725f/prompts/evaluation_metadata.jsonl",
+        "object_names.txt": "https://raw.githubusercontent.com/djghosh13/geneval/af4902f24d3ca90ebbb446dd9891a59e0f82725f/prompts/object_names.txt",
+    },
+    "imagereward": {
+        "benchmark-prompts.json": "https://raw.githubusercontent.com/THUDM/ImageReward/c1392c6dd0fd6ecd6d416c96959ab744a6d0a8fb/benchmark/benchmark-prompts.json",
+    },
+    "dpg_bench": {
+        "prompts": "https://github.com/TencentQQGYLab/ELLA/tree/3c228f1dc6c4d3cad0a47493816151a419f14db3/dpg_bench/prompts",
+        "dpg_bench.csv": "https://raw.githubusercontent.com/TencentQQGYLab/ELLA/3c228f1dc6c4d3cad0a47493816151a419f14db3/dpg_bench/dpg_bench.csv",
+    },
+    "hpsv2": {f"{s}.json": f"https://huggingface.co/datasets/zhwang/HPDv2/resolve/main/benchmark/{s}.json"
+              for s in ("anime", "concept-art", "paintings", "photo")},
+    "mjhq30k": {"meta_data.json": "https://huggingface.co/datasets/playgroundai/MJHQ-30K/resolve/main/meta_data.json"},
+}
+
+
+def data_dir(cfg_dir: str | None = None) -> Path:
+    return Path(os.path.expanduser(cfg_dir or os.environ.get("VARBENCH_DATA", "~/.cache/varbench/data")))
+
+
+def need(source: str, name: str, root: Path) -> Path:
+    p = root / source / name
+    if not p.exists():
+        url = SOURCES.get(source, {}).get(name, "?")
+        raise UserError(f"missing benchmark file {p} (official source: {url}); run `python scripts/fetch_benchmarks.py "
+                        f"{source}` on a machine with internet, or set VARBENCH_DATA / bench.data_dir")
+    return p
+
+
+@dataclass
+class Prompt:
+    index: int
+    prompt: str
+    key: str                      # official id / folder name (GenEval index, DPG item_id, MJHQ id, ...)
+    meta: dict = field(default_factory=dict)
+
+
+def load_prompts(bench: dict) -> list[Prompt]:
+    """The prompt list of a bench config (built-in ``prompts`` or an official ``source``)."""
+    if bench.get("prompts"):
+        return [Prompt(i, p, f"{i:05d}") for i, p in enumerate(bench["prompts"])]
+    src = bench.get("source")
+    root = data_dir(bench.get("data_dir"))
+    if src == "geneval":
+        lines = need("geneval", "evaluation_metadata.jsonl", root).read_text().splitlines()
+        return [Prompt(i, (m := json.loads(ln))["prompt"], f"{i:05d}", m) for i, ln in enumerate(lines) if ln.strip()]
+    if src == "imagereward":
+        items = json.loads(need("imagereward", "benchmark-prompts.json", root).read_text())
+        return [Prompt(i, it["prompt"], str(it["id"]), it) for i, it in enumerate(items)]
+    if src == "dpg_bench":
+        files = sorted(need("dpg_bench", "prompts", root).glob("*.txt"), key=lambda p: p.stem)
+        return [Prompt(i, f.read_text().strip(), f.stem) for i, f in enumerate(files)]
+    if src == "hpsv2":
+        out = []
+        for style in bench.get("styles", ["anime", "concept-art", "paintings", "photo"]):
+            for j, p in enumerate(json.loads(need("hpsv2", f"{style}.json", root).read_text())):
+                out.append(Prompt(len(out), p, f"{style}/{j:05d}", {"style": style}))
+        return out
+    if src == "mjhq30k":
+        meta = json.loads(need("mjhq30k", "meta_data.json", root).read_text())
+        cats = bench.get("categories")
+        items = [(k, v) for k, v in meta.items() if not cats or v["category"] in cats]
+        return [Prompt(i, v["prompt"], f"{v['category']}/{k}", v) for i, (k, v) in enumerate(items)]
+    raise UserError(f"bench {bench.get('name')!r} has neither prompts nor a known source (got {src!r}; known: "
+                    f"{', '.join(SOURCES)})")

@@ -1,0 +1,142 @@
+"""GenEval: the rules on hand-made detections (one case per tag), the official layout, the scorer's real code path
+on a tiny random Mask2Former, and the one-line error when detector weights are missing."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, shared_path
+from eval.geneval.rules import Det, Options, evaluate, keep_detections, relative_position, summarize
+
+
+def D(x1, y1, x2, y2, s=0.95):
+    return Det((x1, y1, x2, y2), s)
+
+
+no_color = lambda dets, cls: ["red"] * len(dets)  # noqa: E731
+
+
+def test_single_and_two_object():
+    meta = {"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}]}
+    assert evaluate(meta, {"cat": [D(0, 0, 10, 10)], "dog": [D(20, 0, 30, 10)]}, no_color)[0]
+    ok, why = evaluate(meta, {"cat": [D(0, 0, 10, 10)]}, no_color)
+    assert not ok and "dog>=1" in why
+
+
+def test_counting_threshold_and_exclude():
+    meta = {"tag": "counting", "include": [{"class": "apple", "count": 2}], "exclude": [{"class": "apple", "count": 3}]}
+    raw = {"apple": [D(0, 0, 5, 5, 0.95), D(10, 0, 15, 5, 0.92), D(20, 0, 25, 5, 0.5)]}
+    objs = keep_detections(raw, "counting")          # the 0.5 one is below the counting threshold 0.9
+    assert len(objs["apple"]) == 2 and evaluate(meta, objs, no_color)[0]
+    objs = keep_detections(raw, "two_object")        # threshold 0.3: three apples -> excluded
+    assert not evaluate(meta, objs, no_color)[0]
+
+
+def test_colors_and_color_attr():
+    meta = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "blue"},
+                                             {"class": "bench", "count": 1, "color": "red"}]}
+    objs = {"car": [D(0, 0, 5, 5)], "bench": [D(10, 0, 15, 5)]}
+    palette = {"car": "blue", "bench": "red"}
+    assert evaluate(meta, objs, lambda d, c: [palette[c]] * len(d))[0]
+    assert not evaluate(meta, objs, lambda d, c: ["blue"] * len(d))[0]
+
+
+def test_position_geometry_and_rule():
+    a, b = D(0, 40, 10, 50), D(40, 40, 50, 50)           # a left of b
+    assert relative_position(a, b) == {"left of"}
+    assert relative_position(b, a) == {"right of"}
+    assert relative_position(D(0, 0, 10, 10), D(0, 40, 10, 50)) == {"above"}
+    assert relative_position(D(0, 0, 10, 10), D(1, 1, 11, 11)) == set()   # overlapping: shrunk offset ~0
+    # "a photo of a tie above a sink": include[0] = sink, include[1] = tie with position ["above", 0]
+    meta = {"tag": "position", "include": [{"class": "sink", "count": 1},
+                                           {"class": "tie", "count": 1, "position": ["above", 0]}]}
+    assert evaluate(meta, {"sink": [D(0, 40, 10, 50)], "tie": [D(0, 0, 10, 10)]}, no_color)[0]
+    assert not evaluate(meta, {"sink": [D(0, 0, 10, 10)], "tie": [D(0, 40, 10, 50)]}, no_color)[0]
+    assert not evaluate(meta, {"tie": [D(0, 0, 10, 10)]}, no_color)[0]      # no target
+
+
+def test_nms_option_and_max_objects():
+    raw = {"cup": [D(0, 0, 10, 10, 0.9), D(1, 1, 11, 11, 0.8), D(30, 30, 40, 40, 0.7)] + [D(50, 50, 51, 51, 0.4)] * 20}
+    assert len(keep_detections(raw, "single_object")["cup"]) == 16
+    assert len(keep_detections(raw, "single_object", Options(max_overlap=0.5))["cup"]) == 3
+
+
+def test_summary_is_mean_of_tag_means():
+    res = [{"tag": "position", "correct": True}, {"tag": "position", "correct": False},
+           {"tag": "counting", "correct": True}]
+    s = summarize(res)
+    assert s["position"] == 0.5 and s["counting"] == 1.0 and s["overall"] == 0.75
+
+
+def _tiny_mask2former():
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    torch.manual_seed(0)
+    bc = SwinConfig(embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                    out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=bc, num_queries=10, num_labels=80, hidden_dim=32, mask_feature_size=32,
+                            feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                            dim_feedforward=64, encoder_feedforward_dim=64, use_pretrained_backbone=False)
+    return Mask2FormerForUniversalSegmentation(cfg)
+
+
+def test_detector_postprocessing_on_tiny_random_mask2former():
+    from eval.geneval.scorer import HFMask2Former, mmdet_preprocess
+
+    x, rhw = mmdet_preprocess(np.zeros((100, 150, 3), np.uint8))
+    assert rhw == (800, 1200) and x.shape[-2] % 32 == 0 and x.shape[-1] % 32 == 0
+    det = HFMask2Former("", model=_tiny_mask2former())
+    names = [f"c{i}" for i in range(80)]
+    img = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    out = det(img, names)
+    dets = [d for ds in out.values() for d in ds]
+    assert len(dets) == 100                          # top-100 (query, class) pairs, all returned
+    for d in dets:
+        assert 0 <= d.score <= 1 and d.mask.shape == (64, 96)
+        x1, y1, x2, y2 = d.box
+        if d.mask.any():
+            assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 64
+            ys, xs = np.nonzero(d.mask)
+            assert (x1, y1, x2, y2) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+def test_geneval_layout_and_missing_detector_weights(tmp_path):
+    data = shared_path("benchmarks")
+    env = dict(os.environ, VARBENCH_DATA=str(data), VARBENCH_RESULTS=str(tmp_path), VARBENCH_WEIGHTS=str(tmp_path / "w"),
+               HF_HUB_CACHE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "run.py", "bench=geneval", "bench.limit=2", "method=none", "progress=false"],
+                       cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    img = tmp_path / "runs/tiny/geneval/none/bench.limit=2/images"
+    for i in range(2):
+        meta = json.loads((img / f"{i:05d}/metadata.jsonl").read_text())
+        assert meta["prompt"] and "tag" in meta
+        assert sorted(p.name for p in (img / f"{i:05d}/samples").iterdir()) == [f"{k:04d}.png" for k in range(4)]
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "mask2former" in lines[0] and "bench.geneval.weights_dir" in lines[0]
+    # speed rows were stored before the scorer stopped
+    assert (tmp_path / "rows.jsonl").exists()
+
+
+def test_score_folder_runs_the_real_path_with_a_tiny_detector(tmp_path):
+    from PIL import Image
+
+    from eval.geneval.scorer import HFMask2Former, score_folder
+
+    for i, meta in enumerate([{"tag": "single_object", "prompt": "a photo of a c1", "include": [{"class": "c1", "count": 1}]},
+                              {"tag": "counting", "prompt": "two c2", "include": [{"class": "c2", "count": 2}],
+                               "exclude": [{"class": "c2", "count": 3}]}]):
+        d = tmp_path / f"{i:05d}"
+        (d / "samples").mkdir(parents=True)
+        (d / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "samples" / "0000.png")
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "samples" / "0000.jpg")  # official regex: png only
+    det = HFMask2Former("", model=_tiny_mask2former())
+    res, summary = score_folder(tmp_path, det, lambda im, d, o: ["red"] * len(d), [f"c{i}" for i in range(80)],
+                                out_jsonl=tmp_path / "r.jsonl")
+    assert len(res) == 2 and set(summary) == {"single_object", "counting", "overall"}
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
