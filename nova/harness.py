@@ -227,6 +227,24 @@ def bench_metrics(cfg: dict, run_dir: Path, n: int) -> dict[str, tuple[float, in
     return out
 
 
+def score_external(cfg: dict, folder: Path) -> dict:
+    """``stage=score score_dir=<folder>``: the bench's quality metrics on images made elsewhere (same layout)."""
+    from eval import store
+
+    if not folder.is_dir():
+        raise UserError(f"score_dir {folder} is not a folder")
+    values = {}
+    for name in cfg["bench"].get("metrics") or []:
+        from nova.registry import metric_fn
+
+        values.update(metric_fn(name)(cfg["bench"], folder, folder, str(cfg.get("device", "cpu"))))
+    base = {"run": str(folder), "model": cfg.get("score_model") or "external", "method": cfg["method"]["name"],
+            "bench": cfg["bench"]["name"], "overrides": "default", "git_sha": git_sha()}
+    store.append_rows(Path(cfg["results_root"]), [base | {"metric": k, "value": v, "n": None} for k, v in values.items()])
+    print(json.dumps(values, indent=1))
+    return {"metrics": values}
+
+
 def print_table(cfg: dict) -> str:
     from eval import store, tables
 
@@ -244,6 +262,8 @@ def run(cfg: dict, run_dir: Path) -> dict:
     stage = str(cfg.get("stage", "all"))
     if stage not in ("generate", "score", "all"):
         raise UserError(f"stage must be generate, score or all, got {stage!r}")
+    if cfg.get("score_dir"):                             # score a finished folder (ours or anyone's), no generation
+        return score_external(cfg, Path(cfg["score_dir"]))
     method = build_method(dict(cfg["method"]))           # fail fast on names and options
     items = bench_items(cfg["bench"], int(cfg.get("seed", 0)))
     backbone = build_backbone(cfg["model"], device, dtype)

@@ -23,6 +23,8 @@ METHODS = {
 
 METRICS = {
     "geneval": "eval.geneval.scorer:run",
+    "dpg": "eval.dpg:run",
+    "mjhq": "eval.mjhq:run",
 }
 
 
