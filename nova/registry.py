@@ -25,6 +25,7 @@ METRICS = {
     "geneval": "eval.geneval.scorer:run",
     "dpg": "eval.dpg:run",
     "mjhq": "eval.mjhq:run",
+    "hpsv2": "eval.hpsv2:run",
 }
 
 
