@@ -26,6 +26,7 @@ METRICS = {
     "dpg": "eval.dpg:run",
     "mjhq": "eval.mjhq:run",
     "hpsv2": "eval.hpsv2:run",
+    "imagereward": "eval.imagereward:run",
 }
 
 
