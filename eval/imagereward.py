@@ -129,8 +129,29 @@ class ImageRewardScorer:
         return self.model(px, ids, mask)[:, 0].tolist()
 
 
+class OpenAIClipScore:
+    """The "CLIP-Score" column of the ImageReward protocol: raw cosine (not x100) of OpenAI ViT-L/14 features, the
+    prompt truncated keeping the end-of-text token (open_clip's tokenizer, like ``clip.tokenize(truncate=True)``)."""
+
+    def __init__(self, model=None, preprocess=None, tokenizer=None, pretrained: str = "openai", device: str = "cpu"):
+        import open_clip
+
+        if model is None:
+            arch = "ViT-L-14-quickgelu" if Path(pretrained).is_file() else "ViT-L-14"
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+            tokenizer = open_clip.get_tokenizer("ViT-L-14")
+        self.model, self.pre, self.tok, self.device = model.eval(), preprocess, tokenizer, device
+
+    @torch.no_grad()
+    def __call__(self, images, prompt: str) -> list[float]:
+        x = torch.stack([self.pre(im) for im in images]).to(self.device)
+        i = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+        t = torch.nn.functional.normalize(self.model.encode_text(self.tok([prompt]).to(self.device)).float(), dim=-1)
+        return (i @ t.T)[:, 0].tolist()
+
+
 def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
-    """ImageReward over <prompt id>/<k>.png (100 prompts x 10 images): the mean reward."""
+    """ImageReward over <prompt id>/<k>.png (100 prompts x 10 images): mean reward and mean CLIP-Score."""
     import json
 
     from PIL import Image
@@ -150,9 +171,14 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     load_state(model, sd)
     scorer = ImageRewardScorer(model, ImageRewardScorer.blip_tokenizer(str(paths["tokenizer"])), device)
     items = json.loads(need("imagereward", "benchmark-prompts.json", data_dir(bench.get("data_dir"))).read_text())
-    rewards = []
+    clip = OpenAIClipScore(pretrained=str(paths["clip"]) if paths["clip"].is_file() else "openai", device=device)
+    rewards, clips = [], []
     for it in items:
         files = sorted((Path(image_dir) / str(it["id"])).glob("*.png"))
         if files:
-            rewards += scorer([Image.open(f) for f in files], it["prompt"])
-    return {"imagereward_score": sum(rewards) / len(rewards)} if rewards else {}
+            ims = [Image.open(f) for f in files]
+            rewards += scorer(ims, it["prompt"])
+            clips += clip(ims, it["prompt"])
+    if not rewards:
+        return {}
+    return {"imagereward_score": sum(rewards) / len(rewards), "imagereward_clip_score": sum(clips) / len(clips)}

@@ -69,3 +69,13 @@ def test_geneval_colour_head_runs_on_tiny_open_clip(tiny_arch):
     assert len(out) == 2 and all(c in COLORS for c in out)
     assert cc.head("apple").shape == (16, len(COLORS))
     assert torch.allclose(cc.head("apple").norm(dim=0), torch.ones(len(COLORS)), atol=1e-5)
+
+
+def test_imagereward_clip_score_is_raw_cosine(tiny_arch):
+    from eval.imagereward import OpenAIClipScore
+
+    torch.manual_seed(0)
+    model, _, pre = open_clip.create_model_and_transforms(tiny_arch, pretrained=None)
+    cs = OpenAIClipScore(model=model, preprocess=pre, tokenizer=open_clip.get_tokenizer(tiny_arch))
+    s = cs([Image.new("RGB", (50, 40), (0, 0, 255))] * 3, "a blue square " * 40)  # > 77 tokens: truncated
+    assert len(s) == 3 and all(-1 <= v <= 1 for v in s) and s[0] == pytest.approx(s[2])
