@@ -132,10 +132,21 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     else:
         p = resolve_files({"vqa": dict(d["files"]["vqa"])}, weights_dir(d.get("weights_dir")), "bench.dpg.weights_dir")
         vqa = BlipVQA(str(p["vqa"]), device)
+    from eval.cache import ScoreCache
+
+    cache = ScoreCache(out_dir / "dpg_cache.jsonl", image_dir)
     per_image = []
     for img_path in sorted(Path(image_dir).glob("*.png")):
         if img_path.stem in items:  # the official script skips unknown stems
-            s, tiles = score_image(Image.open(img_path).convert("RGB"), items[img_path.stem], vqa, int(d.get("pic_num", 4)))
+            hit = cache.get(img_path)
+            if hit is None:
+                s, tiles = score_image(Image.open(img_path).convert("RGB"), items[img_path.stem], vqa,
+                                       int(d.get("pic_num", 4)))
+                cache.put(img_path, [s, [[{str(k): v for k, v in o.items()}, {str(k): v for k, v in f.items()}]
+                                         for o, f in tiles]])
+            else:
+                s, tiles = hit[0], [({int(k): v for k, v in o.items()}, {int(k): v for k, v in f.items()})
+                                    for o, f in hit[1]]
             per_image.append((items[img_path.stem], s, tiles))
     (out_dir / "dpg_results.jsonl").write_text("".join(json.dumps({"item_id": it.item_id, "score": s}) + "\n"
                                                        for it, s, _ in per_image))

@@ -84,6 +84,9 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     paths = resolve_files({k: dict(v) for k, v in h["files"].items()}, weights_dir(h.get("weights_dir")),
                           "bench.hpsv2.weights_dir")
     scorer = HPSv21(paths["checkpoint"], device, trust_pickle=bool(h.get("trust_pickle", False)))
+    from eval.cache import ScoreCache
+
+    cache = ScoreCache(out_dir / "hpsv2_cache.jsonl", image_dir)
     root, out, every = data_dir(bench.get("data_dir")), {}, []
     for style in bench.get("styles", ["anime", "concept-art", "paintings", "photo"]):
         prompts = json.loads(need("hpsv2", f"{style}.json", root).read_text())
@@ -91,7 +94,11 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
         for j, p in enumerate(prompts):
             f = Path(image_dir) / style / f"{j:05d}.jpg"
             if f.exists():
-                scores += scorer([Image.open(f)], [p])
+                v = cache.get(f)
+                if v is None:
+                    v = scorer([Image.open(f)], [p])[0]
+                    cache.put(f, v)
+                scores.append(v)
         if scores:
             out[f"hps_{style.replace('-', '_')}"] = style_score(scores)
             every += scores

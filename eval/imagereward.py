@@ -172,13 +172,19 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     scorer = ImageRewardScorer(model, ImageRewardScorer.blip_tokenizer(str(paths["tokenizer"])), device)
     items = json.loads(need("imagereward", "benchmark-prompts.json", data_dir(bench.get("data_dir"))).read_text())
     clip = OpenAIClipScore(pretrained=str(paths["clip"]) if paths["clip"].is_file() else "openai", device=device)
+    from eval.cache import ScoreCache
+
+    cache = ScoreCache(out_dir / "imagereward_cache.jsonl", image_dir)
     rewards, clips = [], []
     for it in items:
-        files = sorted((Path(image_dir) / str(it["id"])).glob("*.png"))
-        if files:
-            ims = [Image.open(f) for f in files]
-            rewards += scorer(ims, it["prompt"])
-            clips += clip(ims, it["prompt"])
+        for f in sorted((Path(image_dir) / str(it["id"])).glob("*.png")):
+            v = cache.get(f)
+            if v is None:
+                im = Image.open(f)
+                v = [scorer([im], it["prompt"])[0], clip([im], it["prompt"])[0]]
+                cache.put(f, v)
+            rewards.append(v[0])
+            clips.append(v[1])
     if not rewards:
         return {}
     return {"imagereward_score": sum(rewards) / len(rewards), "imagereward_clip_score": sum(clips) / len(clips)}

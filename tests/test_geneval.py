@@ -140,3 +140,29 @@ def test_score_folder_runs_the_real_path_with_a_tiny_detector(tmp_path):
                                 out_jsonl=tmp_path / "r.jsonl")
     assert len(res) == 2 and set(summary) == {"single_object", "counting", "overall"}
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+
+
+def test_scoring_resumes_from_the_cache(tmp_path):
+    from PIL import Image
+
+    from eval.cache import ScoreCache
+    from eval.geneval.scorer import score_folder
+
+    d = tmp_path / "img" / "00000"
+    (d / "samples").mkdir(parents=True)
+    (d / "metadata.jsonl").write_text(json.dumps({"tag": "single_object", "prompt": "p", "include": [{"class": "c1", "count": 1}]}))
+    for k in range(2):
+        Image.new("RGB", (32, 32)).save(d / "samples" / f"{k:04d}.png")
+    calls = []
+
+    def det(img, names):
+        calls.append(1)
+        return {"c1": [Det((0, 0, 5, 5), 0.9)]}
+
+    cache = ScoreCache(tmp_path / "cache.jsonl", tmp_path / "img")
+    r1, s1 = score_folder(tmp_path / "img", det, None, [], cache=cache)
+    r2, s2 = score_folder(tmp_path / "img", det, None, [], cache=ScoreCache(tmp_path / "cache.jsonl", tmp_path / "img"))
+    assert len(calls) == 2 and s1 == s2 == {"single_object": 1.0, "overall": 1.0}
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(d / "samples" / "0001.png")   # regenerated image: scored again
+    score_folder(tmp_path / "img", det, None, [], cache=ScoreCache(tmp_path / "cache.jsonl", tmp_path / "img"))
+    assert len(calls) == 3

@@ -124,8 +124,9 @@ class ClipColor:
 
 
 def score_folder(image_dir: Path, detector, color, classnames: list[str], opt: Options = Options(),
-                 out_jsonl: Path | None = None) -> tuple[list[dict], dict]:
-    """Score a GenEval-layout folder (ours or anyone's): <idx>/metadata.jsonl + <idx>/samples/<k>.png."""
+                 out_jsonl: Path | None = None, cache=None) -> tuple[list[dict], dict]:
+    """Score a GenEval-layout folder (ours or anyone's): <idx>/metadata.jsonl + <idx>/samples/<k>.png.
+    ``cache`` (eval.cache.ScoreCache) makes a rerun skip images already scored."""
     import re
 
     from PIL import Image
@@ -136,12 +137,18 @@ def score_folder(image_dir: Path, detector, color, classnames: list[str], opt: O
         for img_path in sorted((folder / "samples").iterdir()):
             if not re.fullmatch(r"\d+\.png", img_path.name):
                 continue
+            hit = cache.get(img_path) if cache is not None else None
+            if hit is not None:
+                results.append(hit)
+                continue
             image = Image.open(img_path).convert("RGB")
             raw = detector(np.asarray(image), classnames)
             objs = keep_detections(raw, meta["tag"], opt)
             ok, why = evaluate(meta, objs, lambda d, o: color(image, d, o), opt.position_threshold)
             results.append({"filename": str(img_path), "tag": meta["tag"], "prompt": meta["prompt"], "correct": ok,
                             "reason": why})
+            if cache is not None:
+                cache.put(img_path, results[-1])
     if out_jsonl is not None:
         out_jsonl.write_text("".join(json.dumps(r) + "\n" for r in results))
     return results, summarize(results)
@@ -167,5 +174,8 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
         color = ClipColor("ViT-L-14", "openai", device)
     opt = Options(**{k: g[k] for k in ("threshold", "counting_threshold", "max_objects", "max_overlap",
                                        "position_threshold") if k in g})
-    _, summary = score_folder(image_dir, det, color, classnames, opt, out_dir / "geneval_results.jsonl")
+    from eval.cache import ScoreCache
+
+    cache = ScoreCache(out_dir / "geneval_cache.jsonl", image_dir)
+    _, summary = score_folder(image_dir, det, color, classnames, opt, out_dir / "geneval_results.jsonl", cache)
     return {PAPER_COLUMNS.get(k, f"geneval_{k}"): v for k, v in summary.items()}
