@@ -63,8 +63,9 @@ def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None) -> str:
         note = _note(r["method"])
         mark = ""
         if note is not None:
-            used.append(note) if note not in used else None
-            mark = "[" + str(used.index(note) + 1) + "]"
+            if note not in used:
+                used.append(note)
+            mark = f"[{used.index(note) + 1}]"
         name = r["method"] + mark + (f" ({r['overrides']})" if r.get("overrides") not in (None, "", "default") else "")
         cells = [r["model"], r["bench"], name] + [_fmt(r.get(m), f) for m, _, f in cols]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -97,32 +97,48 @@ def build_from_meta(meta_path: Path):
     return bb, t, meta
 
 
-def _recording(method):
-    """Wrap a method (or none) so that the logits handed to ``after_logits`` and the kept sets are recorded."""
-    from nova.hooks import Method
+class Recorder:
+    """Wraps a method (or none): forwards every hook to it and records the logits handed to ``after_logits`` and
+    the kept index sets, for comparison with a fixture. ``inner`` keeps the wrapped method's own state."""
 
-    base = type(method) if method is not None else Method
+    def __init__(self, inner=None):
+        from nova.hooks import Method
 
-    class Recorded(base):
-        def reset(self, sctx=None):
-            super().reset(sctx)
-            self.logits, self.kept_sets = {}, {}
+        self.inner = inner if inner is not None else Method()
+        self.name, self.granularity = self.inner.name, self.inner.granularity
+        self.reset()
 
-        def select(self, lctx, x):
-            sel = super().select(lctx, x)
-            if sel is not None and sel.k < sel.n_total:
-                self.kept_sets[(lctx.si, lctx.li, lctx.branch)] = sel.keep_idx.clone()
-            return sel
+    def reset(self, sctx=None):
+        self.inner.reset(sctx)
+        self.logits, self.kept_sets = {}, {}
 
-        def after_logits(self, sctx, lc, lu, lg):
-            self.logits[sctx.si] = {"cfg": lg.clone(), "cond": lc.clone(), "uncond": None if lu is None else lu.clone()}
-            return super().after_logits(sctx, lc, lu, lg)
+    def plan_scale(self, sctx):
+        return self.inner.plan_scale(sctx)
 
-    rec = Recorded.__new__(Recorded)
-    if method is not None:
-        rec.__dict__.update(method.__dict__)
-    rec.reset()
-    return rec
+    def attention(self, lctx):
+        return self.inner.attention(lctx)
+
+    def select(self, lctx, x):
+        sel = self.inner.select(lctx, x)
+        if sel is not None and sel.k < sel.n_total:
+            self.kept_sets[(lctx.si, lctx.li, lctx.branch)] = sel.keep_idx.clone()
+        return sel
+
+    def restore(self, lctx, x_in, y_kept, sel):
+        return self.inner.restore(lctx, x_in, y_kept, sel)
+
+    def after_layer(self, lctx, x_in, x_out):
+        self.inner.after_layer(lctx, x_in, x_out)
+
+    def after_logits(self, sctx, lc, lu, lg):
+        self.logits[sctx.si] = {"cfg": lg.clone(), "cond": lc.clone(), "uncond": None if lu is None else lu.clone()}
+        return self.inner.after_logits(sctx, lc, lu, lg)
+
+    def after_scale(self, sctx, state):
+        self.inner.after_scale(sctx, state)
+
+    def summary(self):
+        return self.inner.summary()
 
 
 def method_from_meta(meta: dict):
@@ -172,7 +188,7 @@ def check_infinity_fixture(meta_path: str | Path) -> list[Check]:
                 Check("tf_entropy_cond", _diff(bitwise_entropy(lc / tau), t["tf_entropy_cond"]), TOL["entropy"])]
 
     # 2. the KV-cached loop (with the fixture's method) and the recorded bits replayed (official gt_leak-style)
-    rec = _recording(method)
+    rec = Recorder(method)
     bb.forced_bits = bits
     res = generate(bb, [""] * B, rec)
     bb.forced_bits = None
@@ -218,7 +234,7 @@ def check_infinity_fixture(meta_path: str | Path) -> list[Check]:
                          TOL["rank_shift"]))
     for key in sorted(k for k in t if k.startswith("dbg_cache_b")):  # FastVAR's per-branch caches (cache scale)
         li, branch = int(key[len("dbg_cache_b"):][:2]), key.rsplit("_", 1)[-1]
-        got = getattr(rec, "cache", {}).get((li, branch))
+        got = getattr(rec.inner, "cache", {}).get((li, branch))
         out.append(Check(key, float("inf") if got is None else _diff(got[0], t[key]), TOL["codes"]))
     if "summed_codes" in t:
         out.append(Check("summed_codes", _diff(res.state.summed, t["summed_codes"]), TOL["codes"]))
@@ -235,7 +251,7 @@ def check_infinity_fixture(meta_path: str | Path) -> list[Check]:
     g_seed = meta["sampling"].get("g_seed")
     if g_seed is not None and bits:
         rng = torch.Generator().manual_seed(int(g_seed))
-        res2 = generate(bb, [""] * B, _recording(method_from_meta(meta)), rng)
+        res2 = generate(bb, [""] * B, Recorder(method_from_meta(meta)), rng)
         drawn = torch.cat([b.reshape(B, -1) for b in res2.state.bits], 1)
         ref_bits = torch.cat([b.reshape(B, -1) for b in bits], 1)
         diff = (drawn != ref_bits).float().mean().item() if drawn.shape == ref_bits.shape else float("inf")
@@ -298,11 +314,11 @@ def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
         bb.text = FixedText(t[k + "kv_compact"], (cu[1:] - cu[:-1]).tolist())
         bb.sampling.tau = lp["tau"]
         bits = [t[f"{k}bits_s{si:02d}"] for si in range(13) if f"{k}bits_s{si:02d}" in t]
-        rec = _recording(SkipVAR())
+        rec = Recorder(SkipVAR())
         bb.forced_bits = bits
         res = generate(bb, [""], rec)
         bb.forced_bits = None
-        d = rec.decision
+        d = rec.inner.decision
         out.append(Check(k + "features", max(abs(d["diff_hf"] - lp["features"][0]), abs(d["hf_ratio"] - lp["features"][1])), tol_feat))
         ran = [si for si in range(13) if si not in res.record.skipped_scales]
         wrong = int(ran != lp["scales_run"]) + int(res.record.cond_only_from != lp["cond_only_from"])

@@ -196,23 +196,21 @@ def score_run(cfg: dict, run_dir: Path, backbone, method_name: str, ref_dir: Pat
     ref = read_records(ref_dir / "records.jsonl") if ref_dir is not None else None
     if method_name == "none":  # the reference itself: speedup 1 by definition, no fidelity to itself
         ref, ref_dir = recs, None
-    metrics = run_metrics(recs, backbone, ref, run_dir / "images", ref_dir / "images" if ref_dir else None)
-    root = Path(cfg["results_root"])
+    root = Path(cfg["results_root"]).resolve()
     base = {"run": str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
             "model": cfg["model"]["name"], "method": method_name, "bench": cfg["bench"]["name"],
             "overrides": run_dir.name, "git_sha": git_sha()}
+    metrics: dict = {}
 
-    def save(ms: dict) -> None:
-        (run_dir / "metrics.json").write_text(json.dumps({k: {"value": v, "n": n} for k, (v, n) in ms.items()}, indent=1))
-        store.append_rows(root, [base | {"metric": k, "value": v, "n": n} for k, (v, n) in ms.items() if v is not None])
+    def save(new: dict) -> None:
+        metrics.update(new)
+        (run_dir / "metrics.json").write_text(json.dumps({k: {"value": v, "n": n} for k, (v, n) in metrics.items()}, indent=1))
+        store.append_rows(root, [base | {"metric": k, "value": v, "n": n} for k, (v, n) in new.items() if v is not None])
 
-    save(metrics)                                    # speed and fidelity first: a scorer error loses nothing
-    quality = bench_metrics(cfg, run_dir, len(recs))
-    if quality:
-        metrics.update(quality)
-        save(metrics)
+    save(run_metrics(recs, backbone, ref, run_dir / "images", ref_dir / "images" if ref_dir else None))
     plot_entropy_activation(list(recs.values()), run_dir / "entropy_activation.png",
                             f"{cfg['model']['name']} / {method_name} / {cfg['bench']['name']}")
+    save(bench_metrics(cfg, run_dir, len(recs)))     # after speed/fidelity are stored: a scorer error loses nothing
     return metrics
 
 
@@ -240,7 +238,7 @@ def score_external(cfg: dict, folder: Path) -> dict:
         values.update(metric_fn(name)(cfg["bench"], folder, folder, str(cfg.get("device", "cpu"))))
     base = {"run": str(folder), "model": cfg.get("score_model") or "external", "method": cfg["method"]["name"],
             "bench": cfg["bench"]["name"], "overrides": "default", "git_sha": git_sha()}
-    store.append_rows(Path(cfg["results_root"]), [base | {"metric": k, "value": v, "n": None} for k, v in values.items()])
+    store.append_rows(Path(cfg["results_root"]).resolve(), [base | {"metric": k, "value": v, "n": None} for k, v in values.items()])
     print(json.dumps(values, indent=1))
     return {"metrics": values}
 
