@@ -291,4 +291,8 @@ def run(cfg: dict, run_dir: Path) -> dict:
             score_run(cfg | {"method": {"name": "none"}}, ref_dir, backbone, "none", None)
         metrics = score_run(cfg, run_dir, backbone, method.name, ref_dir)
         print_table(cfg)
+        if cfg.get("wandb"):
+            from eval.wandb_log import mirror
+
+            mirror(cfg, run_dir, metrics)
     return {"run_dir": str(run_dir), "image_dir": str(run_dir / "images"), "metrics": metrics, **counts}

@@ -98,3 +98,22 @@ def test_paper_tables_show_ours_beside_the_paper(tmp_path):
     assert "0.70 / 0.72 (-0.02)" in row and "— / 2.89" in row   # measured: with Δ; unmeasured: '—'
     for n in paper.TABLES:
         assert paper.render(n, None).count("| ") > 3
+
+
+def test_wandb_mirror_logs_metrics_and_images(tmp_path, monkeypatch):
+    import types
+
+    from eval.wandb_log import mirror
+
+    calls = []
+    run = types.SimpleNamespace(log=lambda d: calls.append(d), finish=lambda: calls.append("finish"))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or run, Image=lambda p, caption: ("img", caption))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    (tmp_path / "images").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "images" / "00000.png")
+    cfg = {"model": {"name": "tiny"}, "bench": {"name": "smoke"}, "method": {"name": "nova"}}
+    mirror(cfg, tmp_path, {"speedup": (1.5, 4), "psnr": (None, 0)})
+    assert calls[0]["name"].startswith("tiny/smoke/nova") and calls[1] == {"speedup": 1.5}
+    assert calls[2]["samples"] == [("img", "00000.png")] and calls[-1] == "finish"
