@@ -58,6 +58,11 @@ def load_prompts(bench: dict) -> list[Prompt]:
     if bench.get("prompts"):
         return [Prompt(i, p, f"{i:05d}") for i, p in enumerate(bench["prompts"])]
     src = bench.get("source")
+    if src == "shapes":  # generated: no files
+        from eval.shapes.world import prompt_set
+
+        metas = prompt_set(int(bench.get("n_per_tag", 20)), int(bench.get("prompt_seed", 0)))
+        return [Prompt(i, m["prompt"], f"{i:05d}", m) for i, m in enumerate(metas)]
     root = data_dir(bench.get("data_dir"))
     if src == "geneval":
         lines = need("geneval", "evaluation_metadata.jsonl", root).read_text().splitlines()

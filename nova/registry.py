@@ -27,6 +27,7 @@ METRICS = {
     "mjhq": "eval.mjhq:run",
     "hpsv2": "eval.hpsv2:run",
     "imagereward": "eval.imagereward:run",
+    "shapes": "eval.shapes.scorer:run",
 }
 
 

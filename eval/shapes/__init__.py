@@ -1,0 +1,1 @@
+"""ShapesEval: a procedural world of flat-coloured shapes with GenEval-like prompts, and an exact scorer."""
