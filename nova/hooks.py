@@ -40,7 +40,6 @@ class ScaleCtx:
     rows: int                 # batch rows in the transformer (2B with CFG)
     batch: int                # images B
     backbone: Any
-    decode_fn: Callable[[], torch.Tensor] | None = None  # decode the current accumulated codes (SkipVAR-style)
 
 
 @dataclass

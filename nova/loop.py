@@ -65,8 +65,7 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
         method.reset()
         watch = Stopwatch(dev)
         for scale in scales:
-            sctx = ScaleCtx(scale.si, len(scales), (scale.h, scale.w), cond.rows, cond.batch, backbone,
-                            decode_fn=lambda: backbone.decode(state))
+            sctx = ScaleCtx(scale.si, len(scales), (scale.h, scale.w), cond.rows, cond.batch, backbone)
             rec.scale_hw.append((scale.h, scale.w))
             plan = method.plan_scale(sctx)
             if plan.skip:
