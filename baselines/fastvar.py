@@ -9,6 +9,8 @@ Spec: ``shared/specs/methods.md`` §1. Each choice below is that code's behaviou
   * pruning only at the scales whose **width** is a key of ``prune_ratios`` and in blocks ``blocks[0]..blocks[1]``;
   * restoration: the full branch output cached at the scale of width ``cache_width`` (written whenever that scale
     runs), ``area``-resized to the current grid, with the kept tokens' fresh outputs scattered in;
+  * "width" is ``ScaleCtx.rule_w``: the grid width on official schedules; on a custom schedule (model=tiny) the
+    official width at the same position from the end (``model.schedule.rule_widths``);
   * scales whose width is in ``skip_widths`` are skipped entirely (no blocks, head or sampling); the image is
     decoded from the codes accumulated so far.
 Infinity-2B official schedule: prune {32: 0.4, 40: 0.5}, blocks 3..27, cache 24, skip {48, 64}.
@@ -71,7 +73,7 @@ class FastVAR(Method):
         self.skipped: list[int] = []
 
     def plan_scale(self, sctx: ScaleCtx) -> ScalePlan:
-        skip = sctx.hw[1] in self.cfg.skip_widths
+        skip = sctx.rule_w in self.cfg.skip_widths
         if skip:
             self.skipped.append(sctx.si)
         return ScalePlan(skip=skip)
@@ -80,7 +82,7 @@ class FastVAR(Method):
         return self.cfg.blocks[0] <= li <= self.cfg.blocks[1]
 
     def select(self, lctx: LayerCtx, x: torch.Tensor) -> Selection | None:
-        w, n = lctx.scale.hw[1], x.shape[1]
+        w, n = lctx.scale.rule_w, x.shape[1]
         if w == self.cfg.cache_width:
             return Selection.all(n, x.device)  # run everything; restore() records the branch output
         ratio = self.cfg.prune_ratios.get(w)
@@ -93,7 +95,7 @@ class FastVAR(Method):
 
     def restore(self, lctx: LayerCtx, x_in, y_kept, sel):
         key = (lctx.li, lctx.branch)
-        if lctx.scale.hw[1] == self.cfg.cache_width:  # full branch output (after its gamma) of the cache scale
+        if lctx.scale.rule_w == self.cfg.cache_width:  # full branch output (after its gamma) of the cache scale
             self.cache[key] = ((y_kept - x_in).detach(), lctx.scale.hw)
             return y_kept
         if key not in self.cache:

@@ -10,7 +10,7 @@ below is OURS, and its table rows carry a footnote. What we implement is the pub
   * excluded tokens are not computed in any block; their hidden state is restored by ``restore``:
     ``keep_input`` (zero residual; the figure shows Δr only at computed positions) or ``prev_residual`` (each
     block's residual at the previous scale, interpolated, as in NOVA's Eq. 16). The head runs on the full map.
-Pruned scales and ratios are keyed by grid width, like FastVAR's.
+Pruned scales and ratios are keyed by grid width (``ScaleCtx.rule_w``), like FastVAR's.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class SparseVAR(Method):
         si, n, (h, w) = lctx.si, x.shape[1], lctx.scale.hw
         if lctx.li == 0:
             self.sel = None
-            ratio = self.cfg.ratios.get(w)
+            ratio = self.cfg.ratios.get(lctx.scale.rule_w)
             if ratio is not None and self.mse is not None:
                 k = n - int(n * ratio)
                 score = resize_grid(self.mse[0][..., None], self.mse[1], (h, w), self.cfg.interp)[..., 0]

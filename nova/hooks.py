@@ -40,6 +40,7 @@ class ScaleCtx:
     rows: int                 # batch rows in the transformer (2B with CFG)
     batch: int                # images B
     backbone: Any
+    rule_w: int = 0           # width for width-keyed method rules (= hw[1] except on custom schedules)
 
 
 @dataclass

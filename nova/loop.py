@@ -65,7 +65,8 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
         method.reset()
         watch = Stopwatch(dev)
         for scale in scales:
-            sctx = ScaleCtx(scale.si, len(scales), (scale.h, scale.w), cond.rows, cond.batch, backbone)
+            sctx = ScaleCtx(scale.si, len(scales), (scale.h, scale.w), cond.rows, cond.batch, backbone,
+                            getattr(scale, "rule_w", 0) or scale.w)
             rec.scale_hw.append((scale.h, scale.w))
             plan = method.plan_scale(sctx)
             if plan.skip:

@@ -19,6 +19,15 @@ def shared_path(*parts) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
+    """The seeded-random tiny model (official 0.25M schedule, 128 px): unit and contract tests need no trained
+    weights and exercise the official schedule. The trained default ``model=tiny`` has its own tests."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny_random.yaml"), resolve=True)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_cfg():
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny.yaml"), resolve=True)

@@ -184,7 +184,7 @@ class Nova(Method):
     def _base_ratio(self, sctx: ScaleCtx) -> float:
         t, c = sctx.si + 1, self.cfg
         if c.fixed_ratios:
-            return c.fixed_ratios.get(sctx.hw[1], 0.0)
+            return c.fixed_ratios.get(sctx.rule_w, 0.0)
         g_prev = self.H[-1] - self.H[-2] if len(self.H) >= 2 else 0.0
         return scale_ratio(t, self.t_star, g_prev, c.sigmoid_tau, c.lam)
 
@@ -260,7 +260,7 @@ class Nova(Method):
 
         c = self.cfg
         skip = (c.ratio_one_means == "skip_scale" and bool(c.fixed_ratios) and self._active(sctx.si)
-                and c.fixed_ratios.get(sctx.hw[1], 0.0) >= 1.0)
+                and c.fixed_ratios.get(sctx.rule_w, 0.0) >= 1.0)
         return ScalePlan(skip=skip)
 
     def _restore_base(self, lctx: LayerCtx, x_in: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from nova.backbones.infinity.backbone import InfinityBackbone, Sampling
 from nova.backbones.infinity.model import InfinityTransformer
-from nova.backbones.infinity.schedules import get_schedule
+from nova.backbones.infinity.schedules import schedule_from_config
 from nova.backbones.infinity.text import T5TextEncoder
 from nova.backbones.infinity.vae import BSQVAE, load_vae_state_dict
 from nova.errors import UserError
@@ -92,35 +92,71 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------- build
+PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+def seeded_modules(mcfg, device="cpu"):
+    """Transformer, BSQ-VAE and tiny T5 of a model config, weights drawn from ``mcfg.seed`` (no files)."""
+    a, v, text_cfg = mcfg["arch"], mcfg["vae"], mcfg["text"]
+    d_bits = v["codebook_dim"] * (4 if v.get("patchify", False) else 1)
+    tf = InfinityTransformer(a["depth"], a["embed_dim"], a["num_heads"], d_bits, a["text_channels"], a["text_maxlen"],
+                             a.get("mlp_ratio", 4.0), a["block_chunks"])
+    vae = BSQVAE(v["codebook_dim"], v["base_ch"], tuple(v["ch_mult"]), v["num_res_blocks"], v["patch_size"])
+    seed = int(mcfg.get("seed", 0))
+    seeded_init_(tf, seed)
+    seeded_init_(vae, seed + 1)
+    text = T5TextEncoder.tiny(d_model=a["text_channels"], layers=text_cfg.get("layers", 2),
+                              heads=text_cfg.get("heads", 2), max_length=a["text_maxlen"], seed=seed + 2,
+                              device=device)
+    return tf, vae, text
+
+
+def load_package_weights(name: str, tf, vae, text) -> None:
+    """Weights the project trained itself (``nova/backbones/infinity/weights/<name>/``, see its MODEL_CARD.md),
+    loaded strictly: a mismatch with the config is an error, not a silent partial load."""
+    from safetensors.torch import load_file
+
+    folder = PACKAGE_WEIGHTS / name
+    parts = {"infinity.safetensors": tf, "vae.safetensors": vae, "text.safetensors": text.encoder}
+    missing = [f for f in parts if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"package weights {', '.join(missing)} not found in {folder}; they ship with the repository "
+                        f"(git checkout -- {folder}) or are rebuilt by `python scripts/train_tiny.py`")
+    for f, module in parts.items():
+        sd = load_file(str(folder / f))
+        try:
+            module.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{folder / f} does not match the model config: {str(e).splitlines()[0]}") from None
+
+
 def build_infinity(mcfg, device="cpu", dtype="fp32") -> InfinityBackbone:
-    """``mcfg``: a model config node (see ``conf/model/infinity_2b.yaml`` and ``tiny.yaml``)."""
+    """``mcfg``: a model config node (see ``conf/model/infinity_2b.yaml`` and ``tiny.yaml``).
+
+    Weights: official files (``files``), the project's own trained weights (``package_weights``), or, with
+    neither, drawn from ``seed``."""
     a, v = mcfg["arch"], mcfg["vae"]
-    text_cfg = mcfg["text"]
     paths = None
     if mcfg.get("files"):
         paths = resolve_files({k: dict(f) for k, f in mcfg["files"].items()}, weights_dir(mcfg.get("weights_dir")))
     patchify = bool(v.get("patchify", False))
-    d_bits = v["codebook_dim"] * (4 if patchify else 1)
-    text_channels = a["text_channels"]
-    tf = InfinityTransformer(a["depth"], a["embed_dim"], a["num_heads"], d_bits, text_channels, a["text_maxlen"],
-                             a.get("mlp_ratio", 4.0), a["block_chunks"])
-    vae = BSQVAE(v["codebook_dim"], v["base_ch"], tuple(v["ch_mult"]), v["num_res_blocks"], v["patch_size"])
     trust = bool(mcfg.get("trust_pickle", False))
     if paths is None:
-        seed = int(mcfg.get("seed", 0))
-        seeded_init_(tf, seed)
-        seeded_init_(vae, seed + 1)
-        text = T5TextEncoder.tiny(d_model=text_channels, layers=text_cfg.get("layers", 2),
-                                  heads=text_cfg.get("heads", 2), max_length=a["text_maxlen"], seed=seed + 2,
-                                  device=device)
+        tf, vae, text = seeded_modules(mcfg, device)
+        if mcfg.get("package_weights"):
+            load_package_weights(str(mcfg["package_weights"]), tf, vae, text)
+            text.encoder.to(device).eval()
     else:
+        d_bits = v["codebook_dim"] * (4 if patchify else 1)
+        tf = InfinityTransformer(a["depth"], a["embed_dim"], a["num_heads"], d_bits, a["text_channels"],
+                                 a["text_maxlen"], a.get("mlp_ratio", 4.0), a["block_chunks"])
+        vae = BSQVAE(v["codebook_dim"], v["base_ch"], tuple(v["ch_mult"]), v["num_res_blocks"], v["patch_size"])
         load_transformer_state(tf, read_state_dict(paths["transformer"], None, trust))
         load_vae_state_dict(vae, read_state_dict(paths["vae"], "vae", trust))
         text_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         text = T5TextEncoder.from_pretrained(str(paths["text_encoder"]), a["text_maxlen"], device, text_dtype)
     tf.to(device).eval()
     vae.to(device).eval()
-    s = mcfg["schedule"]
-    schedule = get_schedule(float(s.get("h_div_w", 1.0)), str(s["pn"]))
+    schedule = schedule_from_config(mcfg["schedule"])
     smp = Sampling(**dict(mcfg["sampling"]))
     return InfinityBackbone(tf, vae, text, schedule, smp, patchify, device, dtype, mcfg.get("name", "infinity"))

@@ -49,6 +49,7 @@ class Scale:
     h: int
     w: int
     start: int
+    rule_w: int = 0   # the width that methods' width-keyed rules see (= w on official schedules)
 
     @property
     def n(self) -> int:
@@ -57,17 +58,24 @@ class Scale:
 
 @dataclass(frozen=True)
 class Schedule:
-    """An official Infinity schedule: ``template`` (h/w key), ``pn`` preset, and the token grids."""
+    """A schedule: ``template`` (h/w key), ``pn`` preset, and the token grids.
+
+    Official schedules come from :func:`get_schedule`. :func:`custom_schedule` builds one from explicit grids (used by
+    the project's own trained tiny model, whose 10 scales end at 16x16 so that it trains on a CPU); its RoPE
+    positions are normalised to its own last grid (``rope_hw``), since no official template defines them.
+    """
 
     template: float
     pn: str
     hws: tuple[tuple[int, int], ...]
+    rope_hw: tuple[int, int] | None = None
+    rule_widths: tuple[int, ...] | None = None
 
     @property
     def scales(self) -> list[Scale]:
         out, start = [], 0
         for si, (h, w) in enumerate(self.hws):
-            out.append(Scale(si, h, w, start))
+            out.append(Scale(si, h, w, start, self.rule_widths[si] if self.rule_widths else w))
             start += h * w
         return out
 
@@ -78,7 +86,7 @@ class Schedule:
     @property
     def rope_grid(self) -> tuple[int, int]:
         """The last grid of the template's '1M' schedule: RoPE positions are normalised to it (spec §5)."""
-        return TEMPLATES[self.template][-1]
+        return self.rope_hw if self.rope_hw is not None else TEMPLATES[self.template][-1]
 
     def as_official(self) -> list[tuple[int, int, int]]:
         return [(1, h, w) for h, w in self.hws]
@@ -94,6 +102,33 @@ def get_schedule(h_div_w: float = 1.0, pn: str = "1M") -> Schedule:
         raise ValueError(f"unknown pn {pn!r}; expected one of {sorted(PN_TO_NUM_SCALES)}")
     t = nearest_template(h_div_w)
     return Schedule(t, pn, tuple(TEMPLATES[t][: PN_TO_NUM_SCALES[pn]]))
+
+
+def custom_schedule(hws, rule_widths=None) -> Schedule:
+    """A non-official schedule from explicit (h, w) grids, coarse to fine; RoPE normalised to the last grid.
+
+    Not one of Infinity's: for models trained by this project only (``conf/model/tiny.yaml``). Methods key their
+    official rules by grid width (FastVAR: prune widths 32, 40; skip 48, 64 ...). ``rule_widths`` gives, per scale,
+    the official width whose rule applies; ``conf/model/tiny.yaml`` maps by position from the end of the 1:1
+    template (its last scale plays the role of width 64), so the official configs act on it unchanged."""
+    hws = tuple((int(h), int(w)) for h, w in hws)
+    if rule_widths is not None:
+        rule_widths = tuple(int(w) for w in rule_widths)
+        if len(rule_widths) != len(hws):
+            raise ValueError(f"rule_widths needs one width per scale ({len(hws)}), got {len(rule_widths)}")
+    if not hws or any(h < 1 or w < 1 for h, w in hws):
+        raise ValueError(f"custom schedule needs positive (h, w) grids, got {hws}")
+    if any(b[0] < a[0] or b[1] < a[1] for a, b in zip(hws, hws[1:])):
+        raise ValueError(f"custom schedule grids must not shrink from one scale to the next: {hws}")
+    h, w = hws[-1]
+    return Schedule(round(h / w, 3), "custom", hws, rope_hw=(h, w), rule_widths=rule_widths)
+
+
+def schedule_from_config(s) -> Schedule:
+    """``model.schedule`` node: ``{h_div_w, pn}`` (official) or ``{hws: [[h, w], ...]}`` (custom)."""
+    if s.get("hws") is not None:
+        return custom_schedule(s["hws"], s.get("rule_widths"))
+    return get_schedule(float(s.get("h_div_w", 1.0)), str(s["pn"]))
 
 
 def schedule_from_official(scale_schedule: list) -> Schedule:
