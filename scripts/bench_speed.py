@@ -16,8 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PROMPTS = ["a red circle on a white background", "a blue square to the left of a yellow triangle",
-           "two green circles", "a photo of a cat sitting on a wooden table"]
+PROMPTS = ["a red circle", "a blue square and a yellow triangle", "three triangles", "a square left of a circle"]
 
 
 def compose(group: str, name: str, sets: list[str]) -> dict:

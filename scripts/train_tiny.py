@@ -1,13 +1,21 @@
-"""Train the tiny Infinity-architecture model on the shapes world (eval/shapes/world.py), on a CPU.
+"""Train the tiny Infinity-architecture model (``conf/model/tiny.yaml``) on the shapes world, on a CPU.
 
-    python scripts/train_tiny.py --out nova/backbones/infinity/tiny_weights
+    python scripts/train_tiny.py            # writes nova/backbones/infinity/weights/tiny/ (about 45 min, 2 cores)
 
-Stage 1: a tiny BSQ-VAE (our ``BSQVAE`` class) learns to reconstruct 64-px shape images through multi-scale binary
-spherical quantisation on the official 10-scale 0.25M schedule (straight-through gradients).
-Stage 2: a tiny ``InfinityTransformer`` (the class Infinity-2B uses) learns next-scale bitwise prediction,
-teacher-forced exactly as ``Infinity.forward`` (block-causal mask; inputs = trilinear resizes of the accumulated
-codes), conditioned on a frozen seeded tiny T5 over the prompt bytes, with 10 % of prompts replaced by the learned
-unconditional rows (for classifier-free guidance). Everything is seeded: the same command gives the same weights.
+The architecture, VAE, text encoder and scale schedule are read from the model config, so the script trains
+exactly what ``model=tiny`` builds, with our own classes (the code path of Infinity-2B):
+
+Stage 1: the tiny ``BSQVAE`` learns to reconstruct 64-px shape images (``eval/shapes/world.py``) through the
+multi-scale binary spherical quantiser of the schedule, with straight-through gradients; loss L1 + L2.
+Stage 2: the ``InfinityTransformer`` learns next-scale bitwise prediction, teacher-forced as the official
+``Infinity.forward`` (block-causal mask; the input of scale k+1 is the trilinear resize of the summed codes of
+scales <= k), jointly with the byte-level tiny T5 (trained here too: a frozen random T5 hardly separates
+"left of" from "right of"). 10 % of prompts are replaced by the learned unconditional rows (classifier-free
+guidance). Loss: bitwise cross-entropy with each token weighted by n_scale^-1/2 (OURS: coarse scales, which
+carry layout, count and colour, have few tokens; uniform token weighting would let the last scale dominate).
+
+Everything is seeded and data is a pure function of (seed, step): the same command on the same torch build gives
+the same weights. Progress and losses are printed; ``train_log.json`` records them.
 """
 from __future__ import annotations
 
@@ -25,10 +33,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-ARCH = {"depth": 3, "embed_dim": 64, "num_heads": 1, "mlp_ratio": 4, "block_chunks": 1, "text_channels": 128,
-        "text_maxlen": 32}
-VAE = {"codebook_dim": 8, "base_ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "patch_size": 2}
-SIZE, PN = 64, "0.25M"
+SIZE = 64
 
 
 def batch(step: int, n: int, seed: int):
@@ -37,7 +42,7 @@ def batch(step: int, n: int, seed: int):
 
     rng = random.Random(seed * 1_000_003 + step)
     prompts, imgs = [], []
-    for i in range(n):
+    for _ in range(n):
         meta = make_prompt(TAGS[rng.randrange(len(TAGS))], rng)
         im, _ = sample(meta, SIZE, seed=rng.randrange(1 << 30))
         prompts.append(meta["prompt"])
@@ -47,7 +52,7 @@ def batch(step: int, n: int, seed: int):
 
 
 def ste_multiscale(vae, img, hws):
-    """Multi-scale BSQ of the encoder output with straight-through gradients (training only)."""
+    """Multi-scale BSQ of the encoder output (as ``BSQVAE.encode_bits``) with straight-through gradients."""
     h = vae.encode_raw(img)[:, :, None]
     full = tuple(h.shape[2:])
     residual, out = h, torch.zeros_like(h)
@@ -77,85 +82,126 @@ def teacher_inputs(bits: list[torch.Tensor], hws, cd: int):
     return torch.cat(xs, 1), tgt
 
 
+def encode_text(text, prompts):
+    """The T5 forward of ``T5TextEncoder.__call__`` with gradients (the text encoder is trained too)."""
+    ids, mask = text.tokenizer(prompts, text.max_length)
+    h = text.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    lens = mask.sum(1).tolist()
+    return torch.cat([h[i, :n] for i, n in enumerate(lens)], 0), lens
+
+
+def cosine(step: int, total: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO / "nova/backbones/infinity/tiny_weights")
+    ap.add_argument("--config", type=Path, default=REPO / "conf/model/tiny.yaml")
+    ap.add_argument("--out", type=Path, default=None, help="default: the config's package_weights folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=1200)
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--minutes", type=float, default=55.0, help="stop stage 2 early when the budget is spent")
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--minutes", type=float, default=58.0,
+                    help="safety stop for stage 2 (a stopped run is no longer reproducible; it says so)")
     a = ap.parse_args(argv)
 
+    from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from nova.backbones.infinity.load import seeded_init_
-    from nova.backbones.infinity.model import InfinityTransformer
-    from nova.backbones.infinity.schedules import get_schedule, rope_cos_sin, rope_positions
-    from nova.backbones.infinity.text import T5TextEncoder
-    from nova.backbones.infinity.vae import BSQVAE
+    from nova.backbones.infinity.load import PACKAGE_WEIGHTS, seeded_modules
+    from nova.backbones.infinity.schedules import rope_cos_sin, rope_positions, schedule_from_config
 
+    mcfg = OmegaConf.to_container(OmegaConf.load(a.config), resolve=True)
+    mcfg["seed"] = a.seed
+    out = a.out or PACKAGE_WEIGHTS / str(mcfg.get("package_weights") or mcfg["name"])
     torch.manual_seed(a.seed)
     t0 = time.time()
-    sched = get_schedule(1.0, PN)
+    sched = schedule_from_config(mcfg["schedule"])
     hws = list(sched.hws)
-    vae = seeded_init_(BSQVAE(VAE["codebook_dim"], VAE["base_ch"], tuple(VAE["ch_mult"]), VAE["num_res_blocks"],
-                              VAE["patch_size"]), a.seed + 1)
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    tf, vae, text = seeded_modules(mcfg, "cpu")
+    cd = mcfg["vae"]["codebook_dim"]
+    print(f"model {a.config.name}: transformer {sum(p.numel() for p in tf.parameters()) / 1e6:.2f}M, "
+          f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
+          f"T5 {sum(p.numel() for p in text.encoder.parameters()) / 1e6:.2f}M params; "
+          f"{len(hws)} scales {hws[0]}..{hws[-1]}, {sched.total_tokens} tokens", flush=True)
     log = {"vae": [], "transformer": []}
+
+    # ---- stage 1: VAE
+    vae.train()
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    lr_vae = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, a.vae_steps, 20))
     for step in range(a.vae_steps):
-        _, x = batch(step, 16, a.seed)
+        _, x = batch(step, a.vae_batch, a.seed)
         rec = vae.decoder(ste_multiscale(vae, x, hws))
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == a.vae_steps - 1:
-            print(f"[vae] step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-            log["vae"].append((step, loss.item()))
+        lr_vae.step()
+        if step % 50 == 0 or step == a.vae_steps - 1:
+            el = time.time() - t0
+            print(f"[vae] step {step:5d}/{a.vae_steps} loss {loss.item():.4f} ({el:.0f}s, "
+                  f"eta {el / (step + 1) * (a.vae_steps - step - 1):.0f}s)", flush=True)
+            log["vae"].append((step, round(loss.item(), 5)))
     vae.eval().requires_grad_(False)
 
-    text = T5TextEncoder.tiny(d_model=ARCH["text_channels"], max_length=ARCH["text_maxlen"], seed=a.seed + 2)
-    tf = InfinityTransformer(ARCH["depth"], ARCH["embed_dim"], ARCH["num_heads"], VAE["codebook_dim"],
-                             ARCH["text_channels"], ARCH["text_maxlen"], ARCH["mlp_ratio"], ARCH["block_chunks"])
-    seeded_init_(tf, a.seed)
+    # ---- stage 2: transformer + text encoder
+    text.encoder.train()
     cs = rope_cos_sin(rope_positions(sched), tf.head_dim)
-    opt = torch.optim.AdamW(tf.parameters(), lr=1e-3, weight_decay=0.01)
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
+    params = list(tf.parameters()) + list(text.encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.97))
+    lr_tf = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, a.steps, 100))
+    w_scale = torch.cat([torch.full((sc.n,), sc.n ** -0.5) for sc in sched.scales])
+    w_tok = (w_scale / w_scale.sum())[None, :, None]
     g = torch.Generator().manual_seed(a.seed + 3)
-    t1 = time.time()
+    t1, stopped = time.time(), None
+    ema = None
     for step in range(a.steps):
         prompts, x = batch(10_000_000 + step, a.batch, a.seed)
         with torch.no_grad():
             bits, _ = vae.encode_bits(x, [(1, h, w) for h, w in hws])
-            kv, lens = text(prompts)
-        x_in, tgt = teacher_inputs(bits, hws, VAE["codebook_dim"])
+        kv, lens = encode_text(text, prompts)
+        x_in, tgt = teacher_inputs(bits, hws, cd)
         drop = torch.rand(len(prompts), generator=g) < 0.1
         rows, start = [], 0
         for i, n in enumerate(lens):
             rows.append(tf.cfg_uncond[:n] if drop[i] else kv[start:start + n])
             start += n
         logits = tf.forward_teacher_forced(torch.cat(rows, 0), lens, x_in, sched.scales, cs)
-        loss = F.cross_entropy(logits.view(-1, 2), tgt.view(-1))
+        ce = F.cross_entropy(logits.reshape(-1, 2), tgt.reshape(-1), reduction="none").view(tgt.shape)
+        loss = (ce * w_tok).sum() / (len(prompts) * cd)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(tf.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched_lr.step()
+        lr_tf.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0 or step == a.steps - 1:
-            print(f"[transformer] step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-            log["transformer"].append((step, loss.item()))
+            el = time.time() - t1
+            last = ce[:, -sched.scales[-1].n:].mean().item()
+            print(f"[transformer] step {step:5d}/{a.steps} loss {loss.item():.4f} (ema {ema:.4f}, last scale "
+                  f"{last:.4f}) {time.time() - t0:.0f}s, eta {el / (step + 1) * (a.steps - step - 1):.0f}s", flush=True)
+            log["transformer"].append((step, round(loss.item(), 5), round(ema, 5), round(last, 5)))
         if (time.time() - t1) / 60 > a.minutes:
-            print(f"[transformer] time budget of {a.minutes} min spent at step {step}", flush=True)
+            stopped = step
+            print(f"[transformer] time budget of {a.minutes} min spent at step {step}: weights saved, but this run "
+                  f"is not the reproducible one", flush=True)
             break
-    a.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tf.state_dict().items()}, str(a.out / "infinity.safetensors"))
-    save_file({k: v.clone().contiguous() for k, v in vae.state_dict().items()}, str(a.out / "vae.safetensors"))
-    (a.out / "train_log.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "arch": ARCH,
-                                                      "vae": VAE, "size": SIZE, "pn": PN, "loss": log,
-                                                      "minutes": (time.time() - t0) / 60}, indent=1))
-    print(f"saved to {a.out} after {(time.time() - t0) / 60:.1f} min", flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().clone().contiguous() for k, v in tf.state_dict().items()}, str(out / "infinity.safetensors"))
+    save_file({k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
+    save_file({k: v.detach().clone().contiguous() for k, v in text.encoder.state_dict().items()},
+              str(out / "text.safetensors"))
+    info = {"command": "python scripts/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "args": {k: str(v) for k, v in vars(a).items()}, "model_config": mcfg, "size": SIZE,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "stopped_early_at": stopped,
+            "minutes": round((time.time() - t0) / 60, 2), "loss": log}
+    (out / "train_log.json").write_text(json.dumps(info, indent=1))
+    print(f"saved to {out} after {(time.time() - t0) / 60:.1f} min", flush=True)
     return 0
 
 

@@ -10,8 +10,8 @@ def test_training_is_reproducible(tmp_path):
     for k in range(2):
         out = tmp_path / f"w{k}"
         r = subprocess.run([sys.executable, "scripts/train_tiny.py", "--out", str(out), "--vae-steps", "2",
-                            "--steps", "2", "--batch", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                            "--vae-batch", "2", "--steps", "2", "--batch", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         assert "[transformer] step" in r.stdout and "loss" in r.stdout
-        outs.append(((out / "infinity.safetensors").read_bytes(), (out / "vae.safetensors").read_bytes()))
+        outs.append([(out / f).read_bytes() for f in ("infinity.safetensors", "vae.safetensors", "text.safetensors")])
     assert outs[0] == outs[1]
