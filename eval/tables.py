@@ -53,9 +53,19 @@ def wide(df, model: str | None = None, bench: str | None = None):
     return w.sort_values(["model", "bench", "_ref_first", "method", "overrides"]).drop(columns="_ref_first")
 
 
-def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None) -> str:
-    """Markdown table; missing cells show as '—', never as a number."""
-    cols = [c for c in columns if c[0] in w.columns] + [(m, m, "{:.4g}") for m in (extra or []) if m in w.columns]
+def quality_columns(w, prefixes: list[str]) -> list[str]:
+    """The quality metrics of a bench present in ``w``: each ``<prefix>_overall`` first, then its parts."""
+    out = []
+    for p in prefixes:
+        mine = sorted(c for c in w.columns if isinstance(c, str) and c.startswith(p + "_"))
+        out += [c for c in mine if c.endswith("_overall")] + [c for c in mine if not c.endswith("_overall")]
+    return out
+
+
+def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None, quality: list[str] | None = None) -> str:
+    """Markdown table; missing cells show as '—', never as a number. ``quality`` columns come first."""
+    q = [(m, m.replace("_", " "), "{:.3f}") for m in (quality or []) if m in w.columns]
+    cols = q + [c for c in columns if c[0] in w.columns] + [(m, m, "{:.4g}") for m in (extra or []) if m in w.columns]
     head = ["Model", "Bench", "Method"] + [h for _, h, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     used = []

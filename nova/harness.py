@@ -247,7 +247,8 @@ def print_table(cfg: dict) -> str:
     from eval import store, tables
 
     w = tables.wide(store.load(Path(cfg["results_root"])), cfg["model"]["name"], cfg["bench"]["name"])
-    text = tables.markdown(w) if len(w) else "(no results yet)"
+    quality = tables.quality_columns(w, list(cfg["bench"].get("metrics") or [])) if len(w) else []
+    text = tables.markdown(w, quality=quality) if len(w) else "(no results yet)"
     print(text)
     return text
 
@@ -275,12 +276,22 @@ def run(cfg: dict, run_dir: Path) -> dict:
         _warmup(backbone, method, items, int(cfg.get("warmup", 1)))
         counts = generate_items(backbone, method, items, run_dir / "images", run_dir / "records.jsonl", bs, prog)
         _finalize_layout(cfg["bench"], run_dir / "images")
+        from eval.plots import contact_sheet
+
+        step = max(1, len(items) // 24)                 # evenly spread over the bench (its tags come in blocks)
+        sheet = contact_sheet([(run_dir / "images" / it.relpath, it.prompt) for it in items[::step]],
+                              run_dir / "samples.png")
+        if sheet is not None:
+            print(f"[varbench] first images with their prompts: {sheet}")
         if use_ref:
             ref_dir.mkdir(parents=True, exist_ok=True)
             if not (ref_dir / "meta.json").exists():
                 write_meta(ref_dir, cfg | {"method": {"name": "none"}})
             rc = generate_items(backbone, Method(), items, ref_dir / "images", ref_dir / "records.jsonl", bs, prog)
-            print(f"[varbench] reference (method=none): {ref_dir} ({rc['generated']} generated, {rc['reused']} reused)")
+            _finalize_layout(cfg["bench"], ref_dir / "images")
+            contact_sheet([(ref_dir / "images" / it.relpath, it.prompt) for it in items[::step]], ref_dir / "samples.png")
+            print(f"[varbench] reference (method=none): {ref_dir} ({rc['generated']} generated, {rc['reused']} reused; "
+                  f"images with prompts: {ref_dir / 'samples.png'})")
     recs = read_records(run_dir / "records.jsonl")
     times = [recs[i.index]["time_per_image_s"] for i in items if i.index in recs]
     print(f"[varbench] {len(items)} images in {run_dir / 'images'} ({counts['generated']} generated, "

@@ -41,7 +41,9 @@ def main(argv=None) -> int:
     w = tables.wide(df, a.model, a.bench)
     quality = sorted(set(w.columns) - {m for m, _, _ in tables.SPEED_COLUMNS}
                      - {"model", "bench", "method", "overrides", "run", "gflops"})
-    md = tables.markdown(w, extra=quality)
+    prefixes = sorted({c.rsplit("_", 1)[0] for c in quality if c.endswith("_overall")})
+    first = tables.quality_columns(w, prefixes)      # e.g. shapes_overall, then its tags, before speed
+    md = tables.markdown(w, extra=[c for c in quality if c not in first], quality=first)
     print(md)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
