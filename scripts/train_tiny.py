@@ -82,14 +82,6 @@ def teacher_inputs(bits: list[torch.Tensor], hws, cd: int):
     return torch.cat(xs, 1), tgt
 
 
-def encode_text(text, prompts):
-    """The T5 forward of ``T5TextEncoder.__call__`` with gradients (the text encoder is trained too)."""
-    ids, mask = text.tokenizer(prompts, text.max_length)
-    h = text.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    lens = mask.sum(1).tolist()
-    return torch.cat([h[i, :n] for i, n in enumerate(lens)], 0), lens
-
-
 def cosine(step: int, total: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
@@ -163,7 +155,7 @@ def main(argv=None) -> int:
         prompts, x = batch(10_000_000 + step, a.batch, a.seed)
         with torch.no_grad():
             bits, _ = vae.encode_bits(x, [(1, h, w) for h, w in hws])
-        kv, lens = encode_text(text, prompts)
+        kv, lens = text.encode(prompts)   # with gradients: the text encoder is trained too
         x_in, tgt = teacher_inputs(bits, hws, cd)
         drop = torch.rand(len(prompts), generator=g) < 0.1
         rows, start = [], 0

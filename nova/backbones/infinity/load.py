@@ -95,13 +95,20 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
-def seeded_modules(mcfg, device="cpu"):
-    """Transformer, BSQ-VAE and tiny T5 of a model config, weights drawn from ``mcfg.seed`` (no files)."""
-    a, v, text_cfg = mcfg["arch"], mcfg["vae"], mcfg["text"]
+def new_modules(mcfg) -> tuple[InfinityTransformer, BSQVAE]:
+    """The transformer and BSQ-VAE a model config describes, with their constructors' initial weights."""
+    a, v = mcfg["arch"], mcfg["vae"]
     d_bits = v["codebook_dim"] * (4 if v.get("patchify", False) else 1)
     tf = InfinityTransformer(a["depth"], a["embed_dim"], a["num_heads"], d_bits, a["text_channels"], a["text_maxlen"],
                              a.get("mlp_ratio", 4.0), a["block_chunks"])
     vae = BSQVAE(v["codebook_dim"], v["base_ch"], tuple(v["ch_mult"]), v["num_res_blocks"], v["patch_size"])
+    return tf, vae
+
+
+def seeded_modules(mcfg, device="cpu"):
+    """Transformer, BSQ-VAE and tiny T5 of a model config, weights drawn from ``mcfg.seed`` (no files)."""
+    a, text_cfg = mcfg["arch"], mcfg["text"]
+    tf, vae = new_modules(mcfg)
     seed = int(mcfg.get("seed", 0))
     seeded_init_(tf, seed)
     seeded_init_(vae, seed + 1)
@@ -147,10 +154,7 @@ def build_infinity(mcfg, device="cpu", dtype="fp32") -> InfinityBackbone:
             load_package_weights(str(mcfg["package_weights"]), tf, vae, text)
             text.encoder.to(device).eval()
     else:
-        d_bits = v["codebook_dim"] * (4 if patchify else 1)
-        tf = InfinityTransformer(a["depth"], a["embed_dim"], a["num_heads"], d_bits, a["text_channels"],
-                                 a["text_maxlen"], a.get("mlp_ratio", 4.0), a["block_chunks"])
-        vae = BSQVAE(v["codebook_dim"], v["base_ch"], tuple(v["ch_mult"]), v["num_res_blocks"], v["patch_size"])
+        tf, vae = new_modules(mcfg)
         load_transformer_state(tf, read_state_dict(paths["transformer"], None, trust))
         load_vae_state_dict(vae, read_state_dict(paths["vae"], "vae", trust))
         text_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32

@@ -45,13 +45,17 @@ class T5TextEncoder:
         self.device = torch.device(device)
         self.channels = encoder.config.d_model
 
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """``__call__`` with autograd on (scripts/train_tiny.py trains the tiny encoder)."""
         ids, mask = self.tokenizer(prompts, self.max_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         lens = mask.sum(1).tolist()
         return torch.cat([h[i, :n] for i, n in enumerate(lens)], 0), lens
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        return self.encode(prompts)
 
     @staticmethod
     def from_pretrained(path: str, max_length: int, device="cpu", dtype=torch.float32) -> "T5TextEncoder":
