@@ -1,6 +1,6 @@
 """varbench entry point: ``python run.py model=<m> method=<x> bench=<b> [key=value ...]`` (Hydra).
 
-Everything happens in ``nova.harness.run``; this file only composes the config and turns user errors
+Everything happens in ``varbench.harness.runner.run``; this file only composes the config and turns user errors
 (unknown names, missing weights, bad values) into one line on stderr and exit code 2.
 """
 import re
@@ -23,10 +23,10 @@ def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from pathlib import Path
 
-    from nova.errors import UserError
+    from varbench.errors import UserError
 
     try:
-        from nova.harness import run
+        from varbench.harness.runner import run
 
         plain = OmegaConf.to_container(cfg, resolve=True)
         return run(plain, Path(HydraConfig.get().runtime.output_dir))

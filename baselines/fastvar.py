@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nova.errors import UserError
-from nova.hooks import LayerCtx, Method, ScaleCtx, ScalePlan
-from nova.tokens import Selection, resize_grid
+from varbench.errors import UserError
+from varbench.hooks import LayerCtx, Method, ScaleCtx, ScalePlan
+from varbench.tokens import Selection, resize_grid
 
 
 @dataclass

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nova.errors import UserError
-from nova.hooks import Method, ScaleCtx, ScalePlan
+from varbench.errors import UserError
+from varbench.hooks import Method, ScaleCtx, ScalePlan
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nova.errors import UserError
-from nova.hooks import LayerCtx, Method, ScaleCtx
-from nova.tokens import Selection, resize_grid
+from varbench.errors import UserError
+from varbench.hooks import LayerCtx, Method, ScaleCtx
+from varbench.tokens import Selection, resize_grid
 
 
 @dataclass

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nova.errors import UserError
+from varbench.errors import UserError
 
 SOURCES = {  # source -> file -> official URL (pinned commits, as in shared/specs/evaluation.md)
     "geneval": {

@@ -18,7 +18,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nova.errors import UserError
+from varbench.errors import UserError
 
 
 @dataclass
@@ -122,7 +122,7 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     from PIL import Image
 
     from eval.datasets import data_dir, need
-    from nova.weights import resolve_files, weights_dir
+    from varbench.weights import resolve_files, weights_dir
 
     d = bench.get("dpg") or {}
     quirks = bool(d.get("official_quirks", True))

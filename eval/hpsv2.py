@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nova.errors import UserError
+from varbench.errors import UserError
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -78,7 +78,7 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     from PIL import Image
 
     from eval.datasets import data_dir, need
-    from nova.weights import resolve_files, weights_dir
+    from varbench.weights import resolve_files, weights_dir
 
     h = bench.get("hpsv2") or {}
     paths = resolve_files({k: dict(v) for k, v in h["files"].items()}, weights_dir(h.get("weights_dir")),

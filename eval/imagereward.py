@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nova.errors import UserError
+from varbench.errors import UserError
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -157,7 +157,7 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     from PIL import Image
 
     from eval.datasets import data_dir, need
-    from nova.weights import resolve_files, weights_dir
+    from varbench.weights import resolve_files, weights_dir
 
     c = bench.get("imagereward") or {}
     paths = resolve_files({k: dict(v) for k, v in c["files"].items()}, weights_dir(c.get("weights_dir")),

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nova.errors import UserError
+from varbench.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -105,7 +105,7 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     from PIL import Image
 
     from eval.datasets import data_dir, need
-    from nova.weights import resolve_files, weights_dir
+    from varbench.weights import resolve_files, weights_dir
 
     m = bench.get("mjhq") or {}
     paths = resolve_files({k: dict(v) for k, v in m["files"].items()}, weights_dir(m.get("weights_dir")),

@@ -2,7 +2,7 @@
 
   latency_s     mean wall time per image (text encoding + all scales + decode; device-synchronised)
   speedup       mean reference latency / mean latency, over the same images
-  flop_speedup  Σ reference FLOPs / Σ FLOPs (nova/flops.py): what the token counts alone would give
+  flop_speedup  Σ reference FLOPs / Σ FLOPs (varbench/flops.py): what the token counts alone would give
   tokens_frac   transformer tokens computed (Σ over scales, layers, rows) / the reference's
   psnr, ssim    to the reference image of the same prompt and seed (PSNR of identical images capped at 100 dB)
   peak_mem_gb   max over images (GPU allocator peak; on CPU the process's max RSS)
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.fidelity import fidelity_per_image
-from nova.flops import flops_for_backbone
+from varbench.flops import flops_for_backbone
 
 PSNR_CAP = 100.0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nova.errors import UserError
+from varbench.errors import UserError
 
 
 def mirror(cfg: dict, run_dir: Path, metrics: dict, n_images: int = 8) -> None:

@@ -43,10 +43,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from nova.flops import flops_for_backbone
-    from nova.harness import resolve_device
-    from nova.loop import generate
-    from nova.registry import build_backbone, build_method
+    from varbench.flops import flops_for_backbone
+    from varbench.harness.runner import resolve_device
+    from varbench.loop import generate
+    from varbench.harness.registry import build_backbone, build_method
 
     device, dtype = resolve_device(a.device, a.dtype)
     mcfg = compose("model", a.model, a.set)

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from nova.fixtures import check_fixture, format_checks
+    from varbench.harness.fixtures import check_fixture, format_checks
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     checks = check_fixture(args.meta)

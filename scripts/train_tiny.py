@@ -1,6 +1,6 @@
 """Train the tiny Infinity-architecture model (``conf/model/tiny.yaml``) on the shapes world, on a CPU.
 
-    python scripts/train_tiny.py            # writes nova/backbones/infinity/weights/tiny/ (about 45 min, 2 cores)
+    python scripts/train_tiny.py            # writes varbench/backbones/infinity/weights/tiny/ (about 45 min, 2 cores)
 
 The architecture, VAE, text encoder and scale schedule are read from the model config, so the script trains
 exactly what ``model=tiny`` builds, with our own classes (the code path of Infinity-2B):
@@ -68,7 +68,7 @@ def ste_multiscale(vae, img, hws):
 
 def teacher_inputs(bits: list[torch.Tensor], hws, cd: int):
     """(x_BLd_wo_prefix, targets [B, L, d]) from per-scale bits [B, 1, h, w, d], as the official training builds them."""
-    from nova.backbones.infinity.vae import bits_to_codes
+    from varbench.backbones.infinity.vae import bits_to_codes
 
     final = (1, *hws[-1])
     summed, xs = 0, []
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from nova.backbones.infinity.load import PACKAGE_WEIGHTS, seeded_modules
-    from nova.backbones.infinity.schedules import rope_cos_sin, rope_positions, schedule_from_config
+    from varbench.backbones.infinity.load import PACKAGE_WEIGHTS, seeded_modules
+    from varbench.backbones.infinity.schedules import rope_cos_sin, rope_positions, schedule_from_config
 
     mcfg = OmegaConf.to_container(OmegaConf.load(a.config), resolve=True)
     mcfg["seed"] = a.seed

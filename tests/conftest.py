@@ -35,6 +35,6 @@ def trained_tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_cfg):
-    from nova.registry import build_backbone
+    from varbench.harness.registry import build_backbone
 
     return build_backbone(tiny_cfg, "cpu", "fp32")

@@ -48,7 +48,7 @@ def test_hps_loads_a_checkpoint_strictly_and_scores(tmp_path, tiny_arch):
     assert len(s) == 2 and all(-100 <= v <= 100 for v in s) and s == hps([img, img], ["a cat", "a dog"])
     bad = {"state_dict": {k: v for k, v in ref.state_dict().items() if "visual" not in k}}
     torch.save(bad, tmp_path / "bad.pt")
-    from nova.errors import UserError
+    from varbench.errors import UserError
 
     with pytest.raises(UserError, match="does not fit"):
         HPSv21(tmp_path / "bad.pt", arch=tiny_arch)

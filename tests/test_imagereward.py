@@ -43,7 +43,7 @@ def test_checkpoint_round_trip_and_fresh_mlp_invariant(tmp_path):
     img = Image.fromarray((np.random.default_rng(1).random((64, 80, 3)) * 255).astype(np.uint8))
     r = scorer([img, img], "a red cat")
     assert r[0] == pytest.approx(r[1]) and r[0] == pytest.approx(-MEAN / STD, abs=1e-3)   # -0.16178
-    from nova.errors import UserError
+    from varbench.errors import UserError
 
     with pytest.raises(UserError, match="missing"):
         load_state(ImageRewardModel(**TINY), {k: v for k, v in sd.items() if not k.startswith("mlp.")})

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from nova.backbones.infinity.model import InfinityTransformer
+from varbench.backbones.infinity.model import InfinityTransformer
 
 FULL = {  # (manifest, depth, embed_dim, heads, bits per token)
     "infinity_2b": ("manifest_infinity_2b.json", 32, 2048, 16, 32),
@@ -28,7 +28,7 @@ def test_full_size_state_dict_matches_manifest(name):
 
 @pytest.mark.parametrize("tag", ["tiny_2bstyle", "tiny_8bstyle"])
 def test_tiny_fixture_reproduces_official_run(tag):
-    from nova.fixtures import check_infinity_fixture, format_checks
+    from varbench.harness.fixtures import check_infinity_fixture, format_checks
 
     checks = check_infinity_fixture(shared_path("fixtures", "infinity", f"{tag}_meta.json"))
     names = {c.name.split(" ")[0] for c in checks}
@@ -63,7 +63,7 @@ def test_check_fixture_cli_exit_codes(tmp_path):
 
 
 def test_fastvar_fixture_reproduces_official_fastvar():
-    from nova.fixtures import check_infinity_fixture, format_checks
+    from varbench.harness.fixtures import check_infinity_fixture, format_checks
 
     checks = check_infinity_fixture(shared_path("fixtures", "fastvar", "meta.json"))
     names = " ".join(c.name for c in checks)
@@ -84,7 +84,7 @@ def test_fastvar_selection_reproduces_official_order_on_official_input():
 
 
 def test_skipvar_fixture_reproduces_official_decisions_and_traces():
-    from nova.fixtures import check_fixture, format_checks
+    from varbench.harness.fixtures import check_fixture, format_checks
 
     checks = check_fixture(shared_path("fixtures", "skipvar", "meta.json"))
     names = " ".join(c.name for c in checks)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import shared_path
-from nova.backbones.infinity import load
-from nova.errors import MissingWeights
+from varbench.backbones.infinity import load
+from varbench.errors import MissingWeights
 
 
 def _tiny_t5_dir(path, d_model):
@@ -80,7 +80,7 @@ def test_hf_cache_lookup_and_missing_report(tmp_path, monkeypatch):
 
 
 def test_checkpoint_with_wrong_keys_is_refused():
-    from nova.errors import UserError
+    from varbench.errors import UserError
 
     m = load.InfinityTransformer(2, 64, 1, 8, 128, 8, 4, 1)
     sd = m.state_dict()

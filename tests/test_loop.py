@@ -1,9 +1,9 @@
 """The generation loop and its hook points, on the tiny seeded backbone."""
 import torch
 
-from nova.hooks import Method, ScalePlan
-from nova.loop import generate
-from nova.tokens import Selection
+from varbench.hooks import Method, ScalePlan
+from varbench.loop import generate
+from varbench.tokens import Selection
 
 PROMPTS = ["a red circle"]
 
@@ -100,7 +100,7 @@ def test_kv_cached_loop_matches_teacher_forced_forward(tiny_backbone):
     """The loop's logits with the bits it sampled equal the full-sequence block-causal forward."""
     import torch.nn.functional as F
 
-    from nova.backbones.infinity.schedules import rope_cos_sin, rope_positions
+    from varbench.backbones.infinity.schedules import rope_cos_sin, rope_positions
 
     seen = []
 
@@ -133,7 +133,7 @@ def test_default_tiny_schedule_has_room_for_nova(tiny_backbone):
 
 def test_bf16_precision_path_runs(tiny_cfg):
     """dtype=bf16 (the GPU setting: bf16 blocks under autocast, fp32 head/VAE) also runs on the CPU."""
-    from nova.registry import build_backbone
+    from varbench.harness.registry import build_backbone
 
     bb = build_backbone(tiny_cfg, "cpu", "bf16")
     assert bb.model.blocks[0].sa.mat_qkv.weight.dtype == torch.bfloat16

@@ -1,6 +1,6 @@
 """One contract for every registered method and every method config, on the tiny model.
 
-A new method is covered automatically once it is in ``nova/registry.py`` and ``conf/method/``; it must also add
+A new method is covered automatically once it is in ``varbench/harness/registry.py`` and ``conf/method/``; it must also add
 an entry to NOOP: options under which it changes nothing (it must then be bit-identical to method=none).
 """
 import pytest
@@ -8,9 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from nova.hooks import Method
-from nova.loop import generate
-from nova.registry import METHODS, build_method
+from varbench.hooks import Method
+from varbench.loop import generate
+from varbench.harness.registry import METHODS, build_method
 
 NOOP = {
     "none": {},
@@ -71,7 +71,7 @@ def test_method_configured_to_do_nothing_is_bit_identical_to_none(key, tiny_back
 
 
 def test_out_of_range_ratios_are_refused():
-    from nova.errors import UserError
+    from varbench.errors import UserError
 
     for key, opts in [("fastvar", {"prune_ratios": {32: 1.2}}), ("sparsevar", {"ratios": {32: -0.1}}),
                       ("nova", {"fixed_ratios": {32: 2.0}}), ("nova", {"ratio_override": 1.5})]:

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from nova.errors import UserError
-from nova.hooks import Method
-from nova.loop import generate
-from nova.methods.nova import (Nova, NovaConfig, detect_inflection, early_baseline, growth_rates, keep_count,
+from varbench.errors import UserError
+from varbench.hooks import Method
+from varbench.loop import generate
+from nova.method import (Nova, NovaConfig, detect_inflection, early_baseline, growth_rates, keep_count,
                                layer_ratio, scale_ratio)
 
 
@@ -105,8 +105,8 @@ def test_records_are_complete(tiny_backbone):
 def test_pruned_tokens_get_input_plus_interpolated_residual_and_kept_tokens_the_block_output(tiny_backbone):
     """At one (scale, layer): pruned outputs = input + Interp(Cache_{t-1}); kept outputs = the block run on the
     kept tokens with the same KV context (Eqs. 14-16)."""
-    from nova.backbones.infinity.model import KVCache
-    from nova.tokens import resize_grid
+    from varbench.backbones.infinity.model import KVCache
+    from varbench.tokens import resize_grid
 
     target = (7, 2)
     seen = {}

@@ -11,7 +11,7 @@ from conftest import REPO
 
 
 def test_flops_by_hand():
-    from nova.flops import generation_flops
+    from varbench.flops import generation_flops
 
     C, hid, V = 4, 8, 2
     rec = {"scale_hw": [(1, 1), (1, 2)], "tokens": [[1], [1]], "kv_len": [[1], [2]], "rows": [2, 2], "text_len": [3],

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from nova.backbones.infinity.schedules import custom_schedule, rope_positions, schedule_from_config
-from nova.errors import UserError
+from varbench.backbones.infinity.schedules import custom_schedule, rope_positions, schedule_from_config
+from varbench.errors import UserError
 
 
 def test_custom_schedule_positions_and_rule_widths(trained_tiny_cfg):
@@ -31,9 +31,9 @@ def test_custom_schedule_rejects_bad_grids(hws, rule):
 def _shapes_accuracy(cfg, n_per_tag=2, method=None):
     from eval.shapes.scorer import score_image
     from eval.shapes.world import prompt_set
-    from nova.harness import to_uint8
-    from nova.loop import generate
-    from nova.registry import build_backbone
+    from varbench.harness.runner import to_uint8
+    from varbench.loop import generate
+    from varbench.harness.registry import build_backbone
 
     bb = build_backbone(cfg, "cpu", "fp32")
     metas = prompt_set(n_per_tag, seed=7)
@@ -57,8 +57,8 @@ def test_trained_tiny_draws_the_shapes_it_is_asked_for(trained_tiny_cfg):
 
 
 def test_package_weights_load_strictly_and_fail_in_one_line(trained_tiny_cfg, tmp_path, monkeypatch):
-    from nova.backbones.infinity import load
-    from nova.registry import build_backbone
+    from varbench.backbones.infinity import load
+    from varbench.harness.registry import build_backbone
 
     wrong = copy.deepcopy(trained_tiny_cfg)
     wrong["arch"]["embed_dim"] = 64
@@ -73,8 +73,8 @@ def test_package_weights_load_strictly_and_fail_in_one_line(trained_tiny_cfg, tm
 
 def test_width_keyed_methods_act_on_the_custom_schedule(trained_tiny_cfg):
     """FastVAR's official rule (prune widths 32, 40; skip 48, 64) reaches model=tiny through rule_widths."""
-    from nova.registry import build_backbone, build_method
-    from nova.loop import generate
+    from varbench.harness.registry import build_backbone, build_method
+    from varbench.loop import generate
 
     bb = build_backbone(trained_tiny_cfg, "cpu", "fp32")
     m = build_method({"name": "fastvar", "prune_ratios": {32: 0.4, 40: 0.5}, "skip_widths": [48, 64],
@@ -87,7 +87,7 @@ def test_width_keyed_methods_act_on_the_custom_schedule(trained_tiny_cfg):
 
 def test_shipped_weights_stay_within_the_size_budget():
     """MODEL_CARD.md states the budget: 10 MB for the three safetensors files."""
-    from nova.backbones.infinity.load import PACKAGE_WEIGHTS
+    from varbench.backbones.infinity.load import PACKAGE_WEIGHTS
 
     files = sorted((PACKAGE_WEIGHTS / "tiny").glob("*.safetensors"))
     assert len(files) == 3 and sum(f.stat().st_size for f in files) <= 10 * 2**20

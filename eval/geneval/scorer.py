@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.geneval.rules import COLORS, Det, Options, evaluate, keep_detections, summarize
-from nova.errors import UserError
+from varbench.errors import UserError
 
 PAPER_COLUMNS = {"two_object": "geneval_two_obj", "position": "geneval_position", "color_attr": "geneval_color_attr",
                  "overall": "geneval_overall", "single_object": "geneval_single_object",
@@ -157,7 +157,7 @@ def score_folder(image_dir: Path, detector, color, classnames: list[str], opt: O
 def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
     """The ``geneval`` metric of a bench config: resolve weights (one-line error if missing), score, summarise."""
     from eval.datasets import data_dir, need
-    from nova.weights import resolve_files, weights_dir
+    from varbench.weights import resolve_files, weights_dir
 
     g = bench.get("geneval") or {}
     paths = resolve_files({k: dict(v) for k, v in g["files"].items()}, weights_dir(g.get("weights_dir")),

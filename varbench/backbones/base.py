@@ -1,4 +1,4 @@
-"""What a next-scale backbone exposes to the loop (``nova/loop.py``). No method-specific arguments, ever.
+"""What a next-scale backbone exposes to the loop (``varbench/loop.py``). No method-specific arguments, ever.
 
 A backbone owns its weights and its inference settings (CFG, temperature, top-k/top-p); the loop composes:
 

@@ -1,7 +1,7 @@
 """The hook points of the generation loop, and the ``Method`` base class whose hooks all do nothing.
 
 A method (NOVA, FastVAR, ...) subclasses :class:`Method` and overrides only the hooks it needs; the loop
-(``nova/loop.py``) calls them in this order for each scale ``si`` (one batch of images):
+(``varbench/loop.py``) calls them in this order for each scale ``si`` (one batch of images):
 
     plan_scale(sctx)                         -> ScalePlan: compute / skip the scale, keep / drop the uncond branch
     for each layer li (and, if granularity == "branch", for each branch of the block):
@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from nova.tokens import Selection
+from varbench.tokens import Selection
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 ``q`` is [rows, H, Lq, c] (the tokens being computed), ``k``/``v`` are [rows, H, Lk, c] (cache + current),
 ``mask`` is None (inference: every cached token is visible, spec §4.2) or a boolean mask (True = visible).
-``ctx`` is the loop's :class:`nova.hooks.LayerCtx` (scale, layer, segment table) or None.
+``ctx`` is the loop's :class:`varbench.hooks.LayerCtx` (scale, layer, segment table) or None.
 
 A method replaces the kernel per (scale, layer) through ``Method.attention``; see ``reference_attention`` for
 a kernel that also reports attention statistics (computed only when asked for: it materialises the scores).

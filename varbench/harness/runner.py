@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from nova.errors import UserError
-from nova.registry import build_backbone, build_method
+from varbench.errors import UserError
+from varbench.harness.registry import build_backbone, build_method
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def generate_items(backbone, method, items: list[Item], image_dir: Path, records
     """Generate every item whose image/record is missing; return counts. Batches share one sampling RNG."""
     from tqdm import tqdm
 
-    from nova.loop import generate
+    from varbench.loop import generate
 
     done = read_records(records_path)
     todo = [it for it in items if not (it.index in done and image_ok(image_dir / it.relpath))]
@@ -178,7 +178,7 @@ def reference_dir(run_dir: Path) -> Path:
 
 def _warmup(backbone, method, items, n: int) -> None:
     """Untimed generations so one-off costs (allocator, kernel selection) do not enter the first latency."""
-    from nova.loop import generate
+    from varbench.loop import generate
 
     for it in items[:n]:
         generate(backbone, [it.prompt], method, torch.Generator(device=backbone.device).manual_seed(it.seed))
@@ -216,7 +216,7 @@ def score_run(cfg: dict, run_dir: Path, backbone, method_name: str, ref_dir: Pat
 
 def bench_metrics(cfg: dict, run_dir: Path, n: int) -> dict[str, tuple[float, int]]:
     """The bench's quality metrics (``bench.metrics``: GenEval, ...), each from its scorer in ``eval/``."""
-    from nova.registry import metric_fn
+    from varbench.harness.registry import metric_fn
 
     out = {}
     for name in cfg["bench"].get("metrics") or []:
@@ -233,7 +233,7 @@ def score_external(cfg: dict, folder: Path) -> dict:
         raise UserError(f"score_dir {folder} is not a folder")
     values = {}
     for name in cfg["bench"].get("metrics") or []:
-        from nova.registry import metric_fn
+        from varbench.harness.registry import metric_fn
 
         values.update(metric_fn(name)(cfg["bench"], folder, folder, str(cfg.get("device", "cpu"))))
     base = {"run": str(folder), "model": cfg.get("score_model") or "external", "method": cfg["method"]["name"],
@@ -255,7 +255,7 @@ def print_table(cfg: dict) -> str:
 
 def run(cfg: dict, run_dir: Path) -> dict:
     """Entry point used by ``run.py`` (``cfg`` is the resolved Hydra config as a plain dict)."""
-    from nova.hooks import Method
+    from varbench.hooks import Method
 
     device, dtype = resolve_device(str(cfg.get("device", "auto")), str(cfg.get("dtype", "auto")))
     stage = str(cfg.get("stage", "all"))

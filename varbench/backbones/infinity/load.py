@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from nova.backbones.infinity.backbone import InfinityBackbone, Sampling
-from nova.backbones.infinity.model import InfinityTransformer
-from nova.backbones.infinity.schedules import schedule_from_config
-from nova.backbones.infinity.text import T5TextEncoder
-from nova.backbones.infinity.vae import BSQVAE, load_vae_state_dict
-from nova.errors import UserError
-from nova.weights import find_file, resolve_files, weights_dir  # noqa: F401  (re-exported for tests)
+from varbench.backbones.infinity.backbone import InfinityBackbone, Sampling
+from varbench.backbones.infinity.model import InfinityTransformer
+from varbench.backbones.infinity.schedules import schedule_from_config
+from varbench.backbones.infinity.text import T5TextEncoder
+from varbench.backbones.infinity.vae import BSQVAE, load_vae_state_dict
+from varbench.errors import UserError
+from varbench.weights import find_file, resolve_files, weights_dir  # noqa: F401  (re-exported for tests)
 
 
 # ---------------------------------------------------------------- state dicts
@@ -119,7 +119,7 @@ def seeded_modules(mcfg, device="cpu"):
 
 
 def load_package_weights(name: str, tf, vae, text) -> None:
-    """Weights the project trained itself (``nova/backbones/infinity/weights/<name>/``, see its MODEL_CARD.md),
+    """Weights the project trained itself (``varbench/backbones/infinity/weights/<name>/``, see its MODEL_CARD.md),
     loaded strictly: a mismatch with the config is an error, not a silent partial load."""
     from safetensors.torch import load_file
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import importlib
 
-from nova.errors import UserError, did_you_mean
+from varbench.errors import UserError, did_you_mean
 
 BACKBONES = {
-    "infinity": "nova.backbones.infinity.load:build_infinity",
+    "infinity": "varbench.backbones.infinity.load:build_infinity",
 }
 
 METHODS = {
-    "none": "nova.hooks:Method",
-    "nova": "nova.methods.nova:Nova",
+    "none": "varbench.hooks:Method",
+    "nova": "nova.method:Nova",
     "fastvar": "baselines.fastvar:FastVAR",
     "skipvar": "baselines.skipvar:SkipVAR",
     "sparsevar": "baselines.sparsevar:SparseVAR",

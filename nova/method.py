@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nova.entropy import token_entropy
-from nova.errors import UserError
-from nova.hooks import LayerCtx, Method, ScaleCtx
-from nova.tokens import Selection, resize_grid
+from varbench.entropy import token_entropy
+from varbench.errors import UserError
+from varbench.hooks import LayerCtx, Method, ScaleCtx
+from varbench.tokens import Selection, resize_grid
 
 CITATION = "NOVA, arXiv 2602.01345, §3.3 Eqs. 4-16 and §4.1 (no official code); readings: shared/specs/methods.md §2"
 
@@ -237,7 +237,7 @@ class Nova(Method):
     def attention(self, lctx: LayerCtx):
         if self.cfg.selection != "attn" or lctx.si + 1 < self.cfg.t_est + 1:
             return None
-        from nova.attention import reference_attention
+        from varbench.attention import reference_attention
 
         if lctx.li == 0:
             self.attn_map = None
@@ -256,7 +256,7 @@ class Nova(Method):
         return reference_attention(sink)
 
     def plan_scale(self, sctx: ScaleCtx):
-        from nova.hooks import ScalePlan
+        from varbench.hooks import ScalePlan
 
         c = self.cfg
         skip = (c.ratio_one_means == "skip_scale" and bool(c.fixed_ratios) and self._active(sctx.si)

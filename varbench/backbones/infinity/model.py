@@ -5,10 +5,10 @@ Parameter names and shapes are the official ones (FoundationVision/Infinity @4c2
 What differs in *structure* from the official classes, on purpose:
 
 * a block is three residual *branches* (``sa``, ``ca``, ``ffn``), each callable on its own and on any subset of
-  tokens, so that token-reduction methods plug into the loop (``nova/loop.py``) instead of forking the model;
+  tokens, so that token-reduction methods plug into the loop (``varbench/loop.py``) instead of forking the model;
 * RoPE is applied from per-token cos/sin rows, so a subset of tokens carries its own positions (spec §12.3);
 * the self-attention K/V cache is an explicit object owned by the loop, and the attention kernel is a function
-  argument (``nova/attention.py``), never a module attribute;
+  argument (``varbench/attention.py``), never a module attribute;
 * cross-attention uses padded text with a key mask instead of flash-attn's varlen kernel (identical result; the
   official hard-coded bf16 cast before that kernel is available as ``ca_bf16_cast``, off by default, spec §8/§11.9).
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nova.attention import AttnFn, sdpa_attention
+from varbench.attention import AttnFn, sdpa_attention
 
 NORM_EPS = 1e-6
 
@@ -214,7 +214,7 @@ class _Chunk(nn.Module):  # official key layout: block_chunks.{c}.module.{j}
 
 
 class InfinityTransformer(nn.Module):
-    """Parameters and parts of Infinity; the generation loop lives in ``nova/loop.py``."""
+    """Parameters and parts of Infinity; the generation loop lives in ``varbench/loop.py``."""
 
     def __init__(self, depth: int, embed_dim: int, num_heads: int, d_bits: int, text_channels: int,
                  text_maxlen: int, mlp_ratio: float = 4.0, block_chunks: int = 8):

@@ -69,10 +69,10 @@ def build_from_meta(meta_path: Path):
     """(backbone, tensors, meta): an Infinity backbone built from the meta file, with the fixture's weights."""
     from safetensors.torch import load_file
 
-    from nova.backbones.infinity.backbone import InfinityBackbone, Sampling
-    from nova.backbones.infinity.model import InfinityTransformer
-    from nova.backbones.infinity.schedules import schedule_from_official
-    from nova.backbones.infinity.vae import BSQVAE, load_vae_state_dict
+    from varbench.backbones.infinity.backbone import InfinityBackbone, Sampling
+    from varbench.backbones.infinity.model import InfinityTransformer
+    from varbench.backbones.infinity.schedules import schedule_from_official
+    from varbench.backbones.infinity.vae import BSQVAE, load_vae_state_dict
 
     meta = json.loads(Path(meta_path).read_text())
     _, files = _files(Path(meta_path))
@@ -102,7 +102,7 @@ class Recorder:
     the kept index sets, for comparison with a fixture. ``inner`` keeps the wrapped method's own state."""
 
     def __init__(self, inner=None):
-        from nova.hooks import Method
+        from varbench.hooks import Method
 
         self.inner = inner if inner is not None else Method()
         self.name, self.granularity = self.inner.name, self.inner.granularity
@@ -158,10 +158,10 @@ def method_from_meta(meta: dict):
 
 @torch.no_grad()
 def check_infinity_fixture(meta_path: str | Path) -> list[Check]:
-    from nova.backbones.infinity.schedules import rope_cos_sin, rope_positions
-    from nova.entropy import bitwise_entropy
-    from nova.harness import to_uint8
-    from nova.loop import generate
+    from varbench.backbones.infinity.schedules import rope_cos_sin, rope_positions
+    from varbench.entropy import bitwise_entropy
+    from varbench.harness.runner import to_uint8
+    from varbench.loop import generate
 
     meta_path = Path(meta_path)
     bb, t, meta = build_from_meta(meta_path)
@@ -283,8 +283,8 @@ def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
     from safetensors.torch import load_file
 
     from baselines.skipvar import SkipVAR, features
-    from nova.harness import to_uint8
-    from nova.loop import generate
+    from varbench.harness.runner import to_uint8
+    from varbench.loop import generate
 
     meta_path = Path(meta_path)
     meta = json.loads(meta_path.read_text())

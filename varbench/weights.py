@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nova.errors import MissingWeights
+from varbench.errors import MissingWeights
 
 
 def weights_dir(cfg_dir: str | None) -> Path:

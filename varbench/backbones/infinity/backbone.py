@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nova.backbones.base import BackboneSpec
-from nova.backbones.infinity.model import InfinityTransformer, KVCache, TextMemory
-from nova.backbones.infinity.schedules import Schedule, rope_cos_sin, rope_positions
-from nova.backbones.infinity.vae import BSQVAE, bits_to_codes
+from varbench.backbones.base import BackboneSpec
+from varbench.backbones.infinity.model import InfinityTransformer, KVCache, TextMemory
+from varbench.backbones.infinity.schedules import Schedule, rope_cos_sin, rope_positions
+from varbench.backbones.infinity.vae import BSQVAE, bits_to_codes
 
 
 @dataclass

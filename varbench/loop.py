@@ -1,6 +1,6 @@
 """THE next-scale generation loop, written once for every backbone and every method.
 
-Backbone parts: ``nova/backbones/base.py``. Hook points: ``nova/hooks.py``. The loop never knows which
+Backbone parts: ``varbench/backbones/base.py``. Hook points: ``varbench/hooks.py``. The loop never knows which
 method runs: a method steers it only through the hooks, so ``Method()`` (no overrides) gives exactly the
 backbone's own inference.
 """
@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from nova.attention import sdpa_attention
-from nova.hooks import LayerCtx, Method, ScaleCtx
-from nova.records import GenRecord, Stopwatch, peak_memory_bytes, reset_peak_memory
+from varbench.attention import sdpa_attention
+from varbench.hooks import LayerCtx, Method, ScaleCtx
+from varbench.records import GenRecord, Stopwatch, peak_memory_bytes, reset_peak_memory
 
 
 @dataclass
