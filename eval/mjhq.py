@@ -1,10 +1,14 @@
 """MJHQ-30K: FID and CLIP score per category (shared/specs/evaluation.md §3).
 
-FID: torchmetrics' ``FrechetInceptionDistance`` on features of the Inception-v3 TorchScript file that clean-fid
-uses (NVIDIA's ``inception-2015-12-05.pt``, pool3, 2048-d), loaded with ``torch.jit.load`` (no torchvision needed).
-Resizing to 299 is a config choice: ``resize: clean`` = clean-fid's "clean" mode (PIL bicubic on float, no
-quantisation: parity with FastVAR/NOVA's published numbers, which call clean-fid) or ``resize: bilinear`` (torch
-bilinear with antialias, torchmetrics/torch-fidelity's default). Statistics: the category's real images vs ours.
+FID exactly as clean-fid 0.1.35 ``fid.compute_fid(real_dir, fake_dir)`` (mode "clean"), which FastVAR/NOVA's
+``mjhq30k_fid_clip.py`` calls: every image file under the folder (recursive, clean-fid's extensions), RGB uint8 ->
+per channel PIL bicubic resize to 299x299 of the float image (no uint8 rounding, clipped to 0..255) -> NVIDIA's
+TorchScript Inception (``inception-2015-12-05.pt``) through its ``layers`` sub-module on ``(x - 128) / 128``, i.e.
+the 2048-d pool3 features (NOT the module's default ``forward``, which returns the 1008-way softmax) -> mean and
+covariance (``np.cov``, float64) -> Fréchet distance. ``resize: legacy_tensorflow`` is clean-fid's other mode: the
+original-size image through ``net(x, return_features=True)`` (the network resizes inside, StyleGAN's FID).
+The matrix square root: clean-fid takes ``scipy.linalg.sqrtm(s1 @ s2)``; we take the trace of the square root as
+the sum of square roots of the eigenvalues of ``sqrt(s1) s2 sqrt(s1)`` (same value, numpy only).
 CLIP score: transformers ``CLIPModel`` (openai/clip-vit-large-patch14), 100 x max(cos, 0) averaged over images, with
 prompts tokenised with truncation to 77 tokens that **keeps the end-of-text token** (torchmetrics' CLIPScore slices
 the ids and drops it, so its pooled text feature sits on an ordinary token for long prompts).
@@ -20,7 +24,9 @@ import torch.nn.functional as F
 
 from varbench.errors import UserError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+# clean-fid's EXTENSIONS (fid.py) less .npy, compared case-insensitively
+IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+RESIZE_MODES = ("clean", "legacy_tensorflow")
 
 
 def clean_resize(img, size: int = 299) -> np.ndarray:
@@ -29,49 +35,71 @@ def clean_resize(img, size: int = 299) -> np.ndarray:
 
     arr = np.asarray(img.convert("RGB"), dtype=np.float32)
     chans = [np.asarray(Image.fromarray(arr[..., c], mode="F").resize((size, size), Image.BICUBIC)) for c in range(3)]
-    return np.clip(np.stack(chans, -1), 0, 255)
+    return np.clip(np.stack(chans, -1), 0, 255).astype(np.float32)
 
 
 class InceptionFeatures(nn.Module):
-    """uint8 [N,3,H,W] -> features, through a TorchScript feature extractor taking float 0..255 at 299x299."""
+    """uint8 [N,3,H,W] -> float32 pool3 features [N, 2048] of NVIDIA's TorchScript Inception, as clean-fid calls it."""
 
     def __init__(self, jit_path: str | Path, resize: str = "clean", size: int = 299):
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise UserError(f"bench.mjhq.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
         self.net = torch.jit.load(str(jit_path), map_location="cpu").eval()
         self.resize, self.size = resize, size
 
+    @torch.no_grad()
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
         from PIL import Image
 
+        n = x_uint8.shape[0]
         if self.resize == "clean":
             imgs = [clean_resize(Image.fromarray(im.permute(1, 2, 0).cpu().numpy()), self.size) for im in x_uint8]
-            x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+            x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+            f = self.net.layers.forward((x - 128) / 128)         # pool3, [N, 2048, 1, 1]
         else:
-            x = F.interpolate(x_uint8.float(), size=(self.size, self.size), mode="bilinear", antialias=True,
-                              align_corners=False)
-        with torch.no_grad():
-            f = self.net(x)
-        return f.reshape(f.shape[0], -1).double()
+            f = self.net(x_uint8.float(), return_features=True)  # resized inside the network
+        return f.reshape(n, -1).float()
 
 
 def _images(folder: Path):
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def folder_features(folder: Path, features: nn.Module, batch: int = 32) -> np.ndarray:
+    from PIL import Image
+
+    files = _images(folder)
+    if len(files) < 2:
+        raise UserError(f"FID needs at least 2 images in {folder}, found {len(files)}")
+    out = []
+    for s in range(0, len(files), batch):
+        x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                         for p in files[s:s + batch]])
+        out.append(features(x).cpu().numpy())
+    return np.concatenate(out)
+
+
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)); tr(sqrtm(s1 s2)) = tr(sqrtm(sqrt(s1) s2 sqrt(s1)))."""
+    r = _psd_sqrt(sigma1)
+    w = np.linalg.eigvalsh((r @ sigma2 @ r + (r @ sigma2 @ r).T) / 2)
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(w, 0, None)).sum())
+
+
+def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
 
 def fid(real_dir: Path, fake_dir: Path, features: nn.Module, batch: int = 32) -> float:
-    from PIL import Image
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    metric = FrechetInceptionDistance(feature=features, normalize=False)
-    for folder, real in ((real_dir, True), (fake_dir, False)):
-        files = _images(folder)
-        if len(files) < 2:
-            raise UserError(f"FID needs at least 2 images in {folder}, found {len(files)}")
-        for s in range(0, len(files), batch):
-            x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
-                             for p in files[s:s + batch]])
-            metric.update(x, real=real)
-    return float(metric.compute())
+    return frechet_distance(*stats(folder_features(real_dir, features, batch)),
+                            *stats(folder_features(fake_dir, features, batch)))
 
 
 def _tensor(out) -> torch.Tensor:
