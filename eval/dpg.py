@@ -6,19 +6,33 @@ Re-implemented from the official ``dpg_bench/compute_dpg_bench.py`` behaviour (s
   * per tile, in question order, a question is zeroed if a parent in its dependency list (0 = none) scores 0 —
     **in place**, so zeros cascade down the dependency chain as in the official loop; tile score = mean;
     image score = mean of the tiles; DPG overall = 100 x mean image score;
-  * category scores (L1 = text before " - " of ``tuple``, L2 = text before "("): 100 x mean of per-question scores.
+  * category scores (L2 = text of ``tuple`` before "(", L1 = L2 before the first "-", both stripped, as the
+    official ``category.split('-')[0].strip()``; so "global - (...)" counts in "global"): 100 x mean of per-question
+    scores pooled over images;
+  * an image whose item names a parent question the item does not have (item 1: the official loader drops CSV
+    row 0, its question 1, which the other questions depend on) raises ``KeyError`` in the official loop, which
+    then skips the image ("Failed filename"); we skip it too and log one warning line naming the item.
 ``official_quirks=True`` reproduces the official script: categories use the scores **before** dependency zeroing
-and of the **last tile only**, and the CSV's first data row is skipped. ``False``: all tiles, after zeroing, all rows.
+and of the **last tile only**, the CSV's first data row is skipped and images with a missing parent are skipped.
+``False``: all tiles, after zeroing, all rows, and a missing parent is ignored (the question is scored).
 VQA backends: ``mplug`` (official, ModelScope ``damo/mplug_visual-question-answering_coco_large_en``) or ``blip``
 (transformers ``BlipForQuestionAnswering``; not official: numbers shift).
 """
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from varbench.errors import UserError
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class MissingParent(KeyError):
+    """A dependency names a proposition the item does not have (the official loop's KeyError)."""
 
 
 @dataclass
@@ -43,28 +57,56 @@ def load_csv(path: Path, official_quirks: bool = True) -> dict[str, Item]:
     return items
 
 
-def tile_scores(answers: dict[int, str], dependency: dict[int, list[int]]) -> tuple[dict[int, float], dict[int, float]]:
-    """(scores before zeroing, scores after the official in-place, question-order dependency zeroing)."""
+def tile_scores(answers: dict[int, str], dependency: dict[int, list[int]],
+                strict: bool = True) -> tuple[dict[int, float], dict[int, float]]:
+    """(scores before zeroing, scores after the official in-place, question-order dependency zeroing).
+
+    Per question the parents are visited in order as in the official loop: 0 is skipped, the first parent that
+    scores 0 zeroes the question and ends the visit; a parent that is not a question of the item raises
+    ``MissingParent`` (``strict``, the official ``KeyError``) or is ignored (``strict=False``)."""
     scores = {q: float(a == "yes") for q, a in answers.items()}
     orig = dict(scores)
     for q, parents in dependency.items():
-        if q in scores and any(p != 0 and scores.get(p) == 0 for p in parents):
-            scores[q] = 0.0
+        if q not in scores:
+            continue
+        for p in parents:
+            if p == 0:
+                continue
+            if p not in scores:
+                if strict:
+                    raise MissingParent(p)
+                continue
+            if scores[p] == 0:
+                scores[q] = 0.0
+                break
     return orig, scores
 
 
-def score_image(image, item: Item, vqa, pic_num: int = 4) -> tuple[float, list[tuple[dict, dict]]]:
-    """Mean over tiles of the mean dependency-filtered score; also every tile's (orig, filtered) scores."""
+def score_image(image, item: Item, vqa, pic_num: int = 4,
+                strict: bool = True) -> tuple[float, list[tuple[dict, dict]]]:
+    """Mean over tiles of the mean dependency-filtered score; also every tile's (orig, filtered) scores.
+    ``MissingParent`` propagates when ``strict`` (the caller skips the image, as the official script does)."""
     R = image.width // 2
     boxes = [(0, 0, R, R), (R, 0, 2 * R, R), (0, R, R, 2 * R), (R, R, 2 * R, 2 * R)][:pic_num]
     tiles, means = [], []
     for b in boxes:
         tile = image.crop(b)
         answers = {q: vqa(tile, text) for q, text in item.questions.items()}
-        orig, filt = tile_scores(answers, item.dependency)
+        orig, filt = tile_scores(answers, item.dependency, strict)
         tiles.append((orig, filt))
         means.append(sum(filt.values()) / max(1, len(filt)))
     return sum(means) / len(means), tiles
+
+
+def category_keys(l2: str) -> list[str]:
+    """Table keys of a question's L2 category ("entity - whole" -> dpg_entity/whole) and its L1 (the official
+    ``split('-')[0].strip()`` -> dpg_entity). An L2 with nothing after the '-' ("global -") is its L1 ("global")."""
+    l1 = l2.split("-")[0].strip()
+    rest = l2[len(l2.split("-")[0]) + 1:].strip() if "-" in l2 else ""
+    keys = ["dpg_" + l1.replace(" ", "_")]
+    if rest:
+        keys.append("dpg_" + l1.replace(" ", "_") + "/" + rest.replace(" - ", "/").replace(" ", "_"))
+    return keys
 
 
 def summarize(per_image: list[tuple[Item, float, list]], official_quirks: bool = True) -> dict[str, float]:
@@ -73,13 +115,44 @@ def summarize(per_image: list[tuple[Item, float, list]], official_quirks: bool =
         use = [tiles[-1][0]] if official_quirks else [t[1] for t in tiles]
         for scores in use:
             for q, s in scores.items():
-                l2 = item.category[q]
-                cats.setdefault(l2, []).append(s)
-                cats.setdefault(l2.split(" - ")[0].strip(), []).append(s)
+                for key in category_keys(item.category[q]):
+                    cats.setdefault(key, []).append(s)
     out = {"dpg_overall": 100 * sum(s for _, s, _ in per_image) / max(1, len(per_image))}
     for c, v in cats.items():
-        out["dpg_" + c.replace(" - ", "/").replace(" ", "_")] = 100 * sum(v) / len(v)
+        out[c] = 100 * sum(v) / len(v)
     return out
+
+
+def score_items(images, items: dict[str, Item], vqa, pic_num: int = 4, official_quirks: bool = True,
+                cache=None) -> list[tuple[Item, float, list]]:
+    """``images``: (item_id, PIL image or a callable returning it, optional cache path) tuples. Stems unknown to
+    the CSV are skipped (as the official script); with ``official_quirks`` an item with a missing parent question
+    is skipped too, with one warning line."""
+    per_image = []
+    for entry in images:
+        key, img, path = (*entry, None)[:3]
+        if key not in items:
+            continue
+        hit = cache.get(path) if cache is not None and path is not None else None
+        if hit is not None:
+            if hit == "skipped":
+                continue
+            s, tiles = hit[0], [({int(k): v for k, v in o.items()}, {int(k): v for k, v in f.items()})
+                                for o, f in hit[1]]
+        else:
+            try:
+                s, tiles = score_image(img() if callable(img) else img, items[key], vqa, pic_num, official_quirks)
+            except MissingParent as e:
+                log.warning("DPG item %s skipped: question(s) depend on proposition %s, which the item lacks (the "
+                            "official script's KeyError; bench.dpg.official_quirks=false scores it)", key, e.args[0])
+                if cache is not None and path is not None:
+                    cache.put(path, "skipped")
+                continue
+            if cache is not None and path is not None:
+                cache.put(path, [s, [[{str(k): v for k, v in o.items()}, {str(k): v for k, v in f.items()}]
+                                     for o, f in tiles]])
+        per_image.append((items[key], s, tiles))
+    return per_image
 
 
 class BlipVQA:
@@ -116,7 +189,8 @@ class MplugVQA:
 
 
 def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
-    """The ``dpg`` metric: every ``<item_id>.png`` grid in image_dir that the question CSV knows."""
+    """The ``dpg`` metric: every ``<item_id>.<ext>`` grid in image_dir that the question CSV knows (the official
+    script lists the folder and keys each file by its name before the first '.')."""
     import json
 
     from PIL import Image
@@ -135,19 +209,9 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     from eval.cache import ScoreCache
 
     cache = ScoreCache(out_dir / "dpg_cache.jsonl", image_dir)
-    per_image = []
-    for img_path in sorted(Path(image_dir).glob("*.png")):
-        if img_path.stem in items:  # the official script skips unknown stems
-            hit = cache.get(img_path)
-            if hit is None:
-                s, tiles = score_image(Image.open(img_path).convert("RGB"), items[img_path.stem], vqa,
-                                       int(d.get("pic_num", 4)))
-                cache.put(img_path, [s, [[{str(k): v for k, v in o.items()}, {str(k): v for k, v in f.items()}]
-                                         for o, f in tiles]])
-            else:
-                s, tiles = hit[0], [({int(k): v for k, v in o.items()}, {int(k): v for k, v in f.items()})
-                                    for o, f in hit[1]]
-            per_image.append((items[img_path.stem], s, tiles))
+    files = sorted(p for p in Path(image_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    images = [(p.name.split(".")[0], (lambda p=p: Image.open(p).convert("RGB")), p) for p in files]
+    per_image = score_items(images, items, vqa, int(d.get("pic_num", 4)), quirks, cache)
     (out_dir / "dpg_results.jsonl").write_text("".join(json.dumps({"item_id": it.item_id, "score": s}) + "\n"
                                                        for it, s, _ in per_image))
     return summarize(per_image, quirks)

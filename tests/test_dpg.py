@@ -1,6 +1,8 @@
 """DPG-Bench scoring: dependency zeroing, tile geometry, categories and the official quirks; the BLIP VQA path."""
 import csv
 
+import pytest
+
 from PIL import Image
 
 from eval.dpg import BlipVQA, Item, load_csv, score_image, summarize, tile_scores
@@ -95,3 +97,48 @@ def test_score_stage_on_an_external_folder_reports_missing_inputs_in_one_line(tm
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "dpg_bench.csv" in lines[0] and "fetch_benchmarks.py dpg_bench" in lines[0]
+
+
+def test_l1_category_splits_on_hyphen_like_the_official_script():
+    """compute_dpg_bench.py: L1 = category.split('-')[0].strip(), so the tuple "global - (photo)" (category
+    "global -") lands in "global", the column the paper reports."""
+    it = Item("g", {1: "is this a photo?", 2: "is there a dog?"}, {1: [0], 2: [0]}, {1: "global -", 2: "entity - whole"})
+    tiles = [({1: 1.0, 2: 0.0}, {1: 1.0, 2: 0.0})]
+    for quirks in (True, False):
+        out = summarize([(it, 0.5, tiles)], official_quirks=quirks)
+        assert out["dpg_global"] == 100.0 and out["dpg_entity"] == 0.0
+        assert "dpg_global_-" not in out and "dpg_entity/whole" in out
+
+
+def test_missing_parent_skips_the_image_with_one_warning_like_the_official_KeyError(caplog):
+    """The official loader drops CSV row 0, so item 1's question 1 is gone while its children still name it as a
+    parent: the official loop raises KeyError on it and the image is skipped ("Failed filename"). Default: the same,
+    with one warning line naming the item; official_quirks=False keeps scoring it (missing parents are ignored)."""
+    import logging
+
+    from eval.dpg import score_items
+
+    it = Item("1", {2: "is the dog brown?", 3: "is the dog on the sofa?"}, {2: [1], 3: [0]},
+              {2: "attribute - color", 3: "relation - spatial"})
+    ok = Item("2", {1: "is there a cat?"}, {1: [0]}, {1: "entity - whole"})
+    img = Image.new("RGB", (16, 16))
+    vqa = lambda tile, q: "yes"  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="eval.dpg"):
+        per_image = score_items([("1", img), ("2", img)], {"1": it, "2": ok}, vqa, official_quirks=True)
+    assert [p[0].item_id for p in per_image] == ["2"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "1" in warned[0] and "\n" not in warned[0]
+    ours = score_items([("1", img), ("2", img)], {"1": it, "2": ok}, vqa, official_quirks=False)
+    assert [p[0].item_id for p in ours] == ["1", "2"] and ours[0][1] == 1.0
+
+
+def test_missing_parent_after_a_zero_parent_does_not_raise_like_the_official_loop():
+    """The official loop breaks at the first parent answered "no" before looking further, so a missing parent
+    listed after a zero parent never raises."""
+    from eval.dpg import MissingParent
+
+    orig, filt = tile_scores({1: "no", 3: "yes"}, {1: [0], 3: [1, 2]}, strict=True)
+    assert filt == {1: 0.0, 3: 0.0}
+    with pytest.raises(MissingParent):
+        tile_scores({1: "yes", 3: "yes"}, {1: [0], 3: [1, 2]}, strict=True)
+    assert tile_scores({1: "yes", 3: "yes"}, {1: [0], 3: [1, 2]}, strict=False)[1] == {1: 1.0, 3: 1.0}
