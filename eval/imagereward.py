@@ -129,17 +129,42 @@ class ImageRewardScorer:
         return self.model(px, ids, mask)[:, 0].tolist()
 
 
-class OpenAIClipScore:
-    """The "CLIP-Score" column of the ImageReward protocol: raw cosine (not x100) of OpenAI ViT-L/14 features, the
-    prompt truncated keeping the end-of-text token (open_clip's tokenizer, like ``clip.tokenize(truncate=True)``)."""
+OPENCLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
-    def __init__(self, model=None, preprocess=None, tokenizer=None, pretrained: str = "openai", device: str = "cpu"):
+
+def openai_clip(pretrained: str = "openai", arch: str = "ViT-L-14", device: str = "cpu"):
+    """OpenAI CLIP through open_clip **with QuickGELU** (the activation OpenAI trained with; the official tools use
+    ``clip.load`` / open_clip 2.20 ``ViT-L-14`` + "openai", both QuickGELU). open_clip 3.x builds plain GELU for
+    "ViT-L-14" with a weights file or folder and only warns, so QuickGELU is forced here and checked.
+    ``pretrained``: the "openai" tag (HF cache), a weights file, or a folder holding one (an HF snapshot of
+    timm/vit_large_patch14_clip_224.openai). Returns (model, preprocess, tokenizer)."""
+    try:
         import open_clip
+        from open_clip.transformer import QuickGELU
+    except ImportError:
+        raise UserError("OpenAI CLIP scoring needs open_clip: pip install -e '.[eval]'") from None
+    src = Path(pretrained)
+    if src.is_dir():
+        found = [src / f for f in OPENCLIP_WEIGHT_FILES if (src / f).is_file()]
+        if not found:
+            raise UserError(f"no open_clip weights ({' or '.join(OPENCLIP_WEIGHT_FILES)}) in {src}")
+        pretrained = str(found[0])
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device,
+                                                                 force_quick_gelu=True)
+    if not any(isinstance(m, QuickGELU) for m in model.modules()):
+        raise UserError(f"open_clip built {arch} without QuickGELU; OpenAI CLIP scores would be wrong")
+    return model.eval(), preprocess, open_clip.get_tokenizer(arch)
 
+
+class OpenAIClipScore:
+    """The "CLIP-Score" column of the ImageReward protocol: raw cosine (not x100) of OpenAI ViT-L/14 features
+    (QuickGELU), the prompt truncated keeping the end-of-text token (open_clip's tokenizer, like
+    ``clip.tokenize(truncate=True)``)."""
+
+    def __init__(self, model=None, preprocess=None, tokenizer=None, pretrained: str = "openai", device: str = "cpu",
+                 arch: str = "ViT-L-14"):
         if model is None:
-            arch = "ViT-L-14-quickgelu" if Path(pretrained).is_file() else "ViT-L-14"
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
-            tokenizer = open_clip.get_tokenizer("ViT-L-14")
+            model, preprocess, tokenizer = openai_clip(pretrained, arch, device)
         self.model, self.pre, self.tok, self.device = model.eval(), preprocess, tokenizer, device
 
     @torch.no_grad()
@@ -171,7 +196,7 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     load_state(model, sd)
     scorer = ImageRewardScorer(model, ImageRewardScorer.blip_tokenizer(str(paths["tokenizer"])), device)
     items = json.loads(need("imagereward", "benchmark-prompts.json", data_dir(bench.get("data_dir"))).read_text())
-    clip = OpenAIClipScore(pretrained=str(paths["clip"]) if paths["clip"].is_file() else "openai", device=device)
+    clip = OpenAIClipScore(pretrained=str(paths["clip"]), device=device)
     from eval.cache import ScoreCache
 
     cache = ScoreCache(out_dir / "imagereward_cache.jsonl", image_dir)

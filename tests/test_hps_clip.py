@@ -79,3 +79,40 @@ def test_imagereward_clip_score_is_raw_cosine(tiny_arch):
     cs = OpenAIClipScore(model=model, preprocess=pre, tokenizer=open_clip.get_tokenizer(tiny_arch))
     s = cs([Image.new("RGB", (50, 40), (0, 0, 255))] * 3, "a blue square " * 40)  # > 77 tokens: truncated
     assert len(s) == 3 and all(-1 <= v <= 1 for v in s) and s[0] == pytest.approx(s[2])
+
+
+def _acts(model):
+    from open_clip.transformer import QuickGELU
+
+    return {type(m) for m in model.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory, tiny_arch):
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("ocw") / "open_clip_model.pt"
+    torch.save(open_clip.create_model(tiny_arch, pretrained=None).state_dict(), p)
+    return p
+
+
+def test_openai_clip_models_are_built_with_quickgelu(tiny_arch, tiny_weights):
+    """OpenAI CLIP was trained with QuickGELU; open_clip 3.x builds plain GELU for a config without quick_gelu
+    (e.g. "ViT-L-14" + a weights file/folder) and only warns. Both OpenAI-CLIP scorers must build QuickGELU."""
+    from open_clip.transformer import QuickGELU
+
+    from eval.geneval.scorer import ClipColor
+    from eval.imagereward import OpenAIClipScore
+
+    assert _acts(ClipColor(tiny_arch, str(tiny_weights)).model) == {QuickGELU}          # GenEval colour head
+    assert _acts(OpenAIClipScore(pretrained=str(tiny_weights), arch=tiny_arch).model) == {QuickGELU}   # IR CLIP-Score
+
+
+def test_quickgelu_changes_a_tiny_models_outputs(tiny_arch, tiny_weights):
+    """The activation matters: the same weights give different embeddings under GELU and QuickGELU."""
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for quick in (False, True):
+        m = open_clip.create_model(tiny_arch, pretrained=str(tiny_weights), force_quick_gelu=quick).eval()
+        with torch.no_grad():
+            outs.append(m.encode_image(x))
+    assert not torch.allclose(outs[0], outs[1], atol=1e-4)

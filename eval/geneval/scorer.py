@@ -9,7 +9,7 @@ Pre-processing as mmdet's test pipeline: keep-ratio resize to fit (1333, 800), I
 The official GenEval detector is OpenMMLab's Mask2Former Swin-S checkpoint; its weights differ from the Meta
 weights on the HF hub (expect a few points per tag, more on counting). Loading the OpenMMLab file into this class
 needs a key-renaming map that is not written yet: until then rows from this scorer are "GenEval (HF detector)".
-Colour: open_clip ViT-L-14 (openai) zero-shot over 10 colours with GenEval's three templates, on the object
+Colour: open_clip ViT-L-14 (openai weights, QuickGELU forced) zero-shot over 10 colours with GenEval's three templates, on the object
 composited over #999999 through its mask and cropped to its box.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.geneval.rules import COLORS, Det, Options, evaluate, keep_detections, summarize
+from eval.imagereward import openai_clip
 from varbench.errors import UserError
 
 PAPER_COLUMNS = {"two_object": "geneval_two_obj", "position": "geneval_position", "color_attr": "geneval_color_attr",
@@ -89,13 +90,8 @@ class ClipColor:
 
     def __init__(self, model_name="ViT-L-14", pretrained="openai", device="cpu", model=None, preprocess=None,
                  tokenizer=None):
-        if model is None:
-            try:
-                import open_clip
-            except ImportError:
-                raise UserError("the GenEval colour classifier needs open_clip: pip install -e '.[eval]'") from None
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
-            tokenizer = open_clip.get_tokenizer(model_name)
+        if model is None:  # QuickGELU forced: open_clip 2.20's ViT-L-14 + "openai", as the official scorer
+            model, preprocess, tokenizer = openai_clip(pretrained, model_name, device)
         self.model, self.preprocess, self.tok, self.device = model.eval(), preprocess, tokenizer, device
         self.heads: dict[str, torch.Tensor] = {}
 
@@ -167,11 +163,7 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     if g.get("detector", "hf") != "hf":
         raise UserError(f"geneval.detector={g.get('detector')!r} is not available; use 'hf'")
     det = HFMask2Former(str(paths["detector"]), device)
-    clip_path = paths["clip"]
-    if clip_path.is_file():
-        color = ClipColor("ViT-L-14-quickgelu", str(clip_path), device)
-    else:
-        color = ClipColor("ViT-L-14", "openai", device)
+    color = ClipColor("ViT-L-14", str(paths["clip"]), device)
     opt = Options(**{k: g[k] for k in ("threshold", "counting_threshold", "max_objects", "max_overlap",
                                        "position_threshold") if k in g})
     from eval.cache import ScoreCache
