@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,10 +52,53 @@ class Prompt:
     prompt: str
     key: str                      # official id / folder name (GenEval index, DPG item_id, MJHQ id, ...)
     meta: dict = field(default_factory=dict)
+    original: str | None = None   # the benchmark's prompt when ``prompt`` is a rewritten one (scorers use meta)
+
+
+def load_rewrites(path) -> dict[str, str]:
+    """A prompt-rewrite file: a JSON object {benchmark prompt: rewritten prompt}, the format of Infinity's
+    ``evaluation/gen_eval/prompt_rewrite_cache.json``. A value still in the rewriter's raw output format
+    ``<prompt:...><cfg:...>`` is reduced to its prompt field, as Infinity's ``extract_key_val`` does."""
+    if not path:
+        raise UserError("bench.rewrite_prompts=true needs bench.rewrite_prompts_file (a JSON {prompt: rewritten})")
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise UserError(f"missing prompt-rewrite file {p} (bench.rewrite_prompts_file; Infinity's "
+                        f"evaluation/gen_eval/prompt_rewrite_cache.json format: a JSON object prompt -> rewritten)")
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise UserError(f"prompt-rewrite file {p} is not JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise UserError(f"prompt-rewrite file {p} must be a JSON object mapping prompt strings to prompt strings")
+    out = {}
+    for k, v in data.items():
+        kv = dict((a, b.lstrip()) for a, b in re.findall(r"<(.+?):(.+?)>", v))
+        out[k] = kv.get("prompt", v)
+    return out
+
+
+def apply_rewrites(bench: dict, prompts: list[Prompt]) -> list[Prompt]:
+    """``bench.rewrite_prompts``: generate from the rewritten prompts of ``bench.rewrite_prompts_file`` (Infinity's
+    ``--rewrite_prompt 1`` with its cache); metadata (what the scorers read) keeps the benchmark prompt. Every
+    prompt must be in the file: we never call a rewriting model."""
+    if not bench.get("rewrite_prompts"):
+        return prompts
+    table = load_rewrites(bench.get("rewrite_prompts_file"))
+    missing = [p.prompt for p in prompts if p.prompt not in table]
+    if missing:
+        raise UserError(f"{len(missing)} prompt(s) are not in {bench.get('rewrite_prompts_file')}, e.g. "
+                        f"{missing[0]!r}")
+    return [Prompt(p.index, table[p.prompt], p.key, p.meta, p.prompt) for p in prompts]
 
 
 def load_prompts(bench: dict) -> list[Prompt]:
-    """The prompt list of a bench config (built-in ``prompts`` or an official ``source``)."""
+    """The prompt list of a bench config (built-in ``prompts`` or an official ``source``), rewritten when
+    ``bench.rewrite_prompts`` is on."""
+    return apply_rewrites(bench, _load_prompts(bench))
+
+
+def _load_prompts(bench: dict) -> list[Prompt]:
     if bench.get("prompts"):
         return [Prompt(i, p, f"{i:05d}") for i, p in enumerate(bench["prompts"])]
     src = bench.get("source")

@@ -176,7 +176,8 @@ class OpenAIClipScore:
 
 
 def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
-    """ImageReward over <prompt id>/<k>.png (100 prompts x 10 images): mean reward and mean CLIP-Score."""
+    """ImageReward over the images in <prompt id>/ (Infinity's layout <id>/<id>_<k>.jpg; any png/jpg there is
+    scored), 100 prompts x 10 images: mean reward and mean CLIP-Score over all images."""
     import json
 
     from PIL import Image
@@ -202,7 +203,9 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     cache = ScoreCache(out_dir / "imagereward_cache.jsonl", image_dir)
     rewards, clips = [], []
     for it in items:
-        for f in sorted((Path(image_dir) / str(it["id"])).glob("*.png")):
+        folder = Path(image_dir) / str(it["id"])
+        files = sorted(f for f in folder.glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        for f in files:
             v = cache.get(f)
             if v is None:
                 im = Image.open(f)

@@ -1,36 +1,105 @@
-"""Image file layouts of each benchmark, so that the official scorers can read our output unchanged.
+"""Image file layouts and formats of each benchmark, so that the official scorers can read our output unchanged.
 
-  flat         <i:05d>.png
-  geneval      <prompt index:05d>/metadata.jsonl + <prompt index:05d>/samples/<k:04d>.png   (djghosh13/geneval)
-  dpg          tiles/<item_id>_<k>.png, then the 2x2 grid <item_id>.png the DPG scorer reads    (ELLA dpg_bench)
-  imagereward  <prompt id>/<k>.png                                                           (Infinity eval)
-  hpsv2        <style>/<idx:05d>.jpg (the HPS scorer reads jpg only; JPEG quality 95 = cv2's default)
-  mjhq         <category>/<id>.png                                                           (FastVAR's script)
+  layout       files (ext = the run's image format)                                          read by
+  flat         <i:05d>.<ext>
+  geneval      <prompt index:05d>/metadata.jsonl + <prompt index:05d>/samples/<k:05d>.<ext>  djghosh13/geneval (png
+               only) and Infinity/FastVAR's fork of its evaluate_images.py (png or jpg)
+  dpg          tiles/<item_id>_<k>.png (lossless), then the 2x2 grid <item_id>.<ext>           ELLA dpg_bench
+  imagereward  <prompt id>/<prompt id>_<k>.<ext> + metadata.jsonl (a JSON list: each prompt     Infinity/FastVAR
+               entry of benchmark-prompts.json plus ``gen_image_paths``)                       evaluation/image_reward
+  hpsv2        <style>/<idx:05d>.jpg (the HPS scorer reads jpg only)                          Infinity eval_hpsv2.py
+  mjhq         <category>/<id>.<ext>                                                           clean-fid (any ext)
+
+Image format (``bench.image_format``: png | jpg, ``bench.jpg_quality``): each benchmark's default is what the scripts
+that produced the published numbers save. Infinity/FastVAR's ``evaluation/gen_eval/infer4eval.py``,
+``evaluation/image_reward/infer4eval.py`` and ``evaluation/hpsv2/eval_hpsv2.py`` write ``.jpg`` with
+``cv2.imwrite`` and no quality flag (OpenCV's default JPEG quality is 95); FastVAR's ``mjhq30k_fid_clip.py`` writes
+``.png``; DPG-Bench's scorer reads any file (ELLA documents ``<item_id>.png`` grids).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from varbench.errors import UserError
 
-def relpath(layout: str, key: str, index: int, k: int, n_per: int) -> str:
+OFFICIAL_FORMAT = {"geneval": "jpg", "imagereward": "jpg", "hpsv2": "jpg", "dpg": "png", "mjhq": "png", "flat": "png"}
+FORMATS = ("png", "jpg")
+DEFAULT_JPG_QUALITY = 95   # cv2.imwrite's default IMWRITE_JPEG_QUALITY
+
+
+def image_format(bench: dict) -> tuple[str, int | None]:
+    """(format, jpeg quality or None) of a bench: ``image_format`` (png | jpg; null = the benchmark's official
+    default) and ``jpg_quality`` (1..100, default 95). One-line UserError on a bad value."""
+    layout = bench.get("layout", "flat")
+    fmt = bench.get("image_format") or OFFICIAL_FORMAT.get(layout, "png")
+    fmt = "jpg" if str(fmt).lower() == "jpeg" else str(fmt).lower()
+    if fmt not in FORMATS:
+        raise UserError(f"bench.image_format must be png or jpg, got {bench.get('image_format')!r}")
+    if layout == "hpsv2" and fmt != "jpg":
+        raise UserError("bench.image_format=png is not possible for hpsv2: the HPSv2 scorer reads only .jpg files")
+    if fmt == "png":
+        return fmt, None
+    q = bench.get("jpg_quality")
+    q = DEFAULT_JPG_QUALITY if q is None else q
+    if not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= 100:
+        raise UserError(f"bench.jpg_quality must be an integer in 1..100, got {q!r}")
+    return fmt, q
+
+
+def image_suffix(bench: dict) -> str:
+    """".png" or ".jpg": the suffix ``relpath`` gives the images of this bench."""
+    return "." + image_format(bench)[0]
+
+
+def save_kwargs(bench: dict) -> dict:
+    """Keyword arguments for ``PIL.Image.save`` of this bench's images: {"format": "PNG"} or
+    {"format": "JPEG", "quality": q} (PIL's defaults otherwise: 4:2:0 chroma subsampling, as cv2.imwrite)."""
+    fmt, q = image_format(bench)
+    return {"format": "PNG"} if fmt == "png" else {"format": "JPEG", "quality": q}
+
+
+def format_record(bench: dict) -> dict:
+    """What a run records about its image files (meta.json / result rows)."""
+    fmt, q = image_format(bench)
+    return {"image_format": fmt, "jpg_quality": q}
+
+
+def _ext(layout: str, fmt: str | None) -> str:
+    fmt = (fmt or OFFICIAL_FORMAT.get(layout, "png")).lstrip(".").lower()
+    return "jpg" if fmt == "jpeg" else fmt
+
+
+def relpath(layout: str, key: str, index: int, k: int, n_per: int, fmt: str | None = None) -> str:
+    """Path of image k of a prompt, relative to the run's image folder. ``fmt``: "png"/"jpg" (or the suffix);
+    None = the layout's official format."""
+    ext = _ext(layout, fmt)
     if layout == "flat":
-        return f"{index * n_per + k:05d}.png" if n_per > 1 else f"{index:05d}.png"
+        return f"{index * n_per + k:05d}.{ext}" if n_per > 1 else f"{index:05d}.{ext}"
     if layout == "geneval":
-        return f"{key}/samples/{k:04d}.png"
+        return f"{key}/samples/{k:05d}.{ext}"
     if layout == "dpg":
-        return f"tiles/{key}_{k}.png"
+        return f"tiles/{key}_{k}.png"          # tiles stay lossless; the grid gets the run's format
     if layout == "imagereward":
-        return f"{key}/{k}.png"
+        return f"{key}/{key}_{k}.{ext}"
     if layout == "hpsv2":
         return f"{key}.jpg"
     if layout == "mjhq":
-        return f"{key}.png"
+        return f"{key}.{ext}"
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def finalize(layout: str, image_dir: Path, prompts, n_per: int) -> None:
-    """Write what the official scorer expects besides the images (GenEval metadata, DPG grids)."""
+def _atomic_save(im, out: Path, kwargs: dict) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    im.save(tmp, **kwargs)
+    tmp.replace(out)
+
+
+def finalize(layout: str, image_dir: Path, prompts, n_per: int, fmt: str | None = None,
+             jpg_quality: int = DEFAULT_JPG_QUALITY) -> None:
+    """Write what the official scorer expects besides the images (GenEval metadata, DPG grids, ImageReward's
+    metadata.jsonl)."""
+    image_dir = Path(image_dir)
     if layout == "geneval":
         for p in prompts:
             d = image_dir / p.key
@@ -39,9 +108,11 @@ def finalize(layout: str, image_dir: Path, prompts, n_per: int) -> None:
     elif layout == "dpg":
         from PIL import Image
 
+        ext = _ext(layout, fmt)
+        kwargs = {"format": "PNG"} if ext == "png" else {"format": "JPEG", "quality": jpg_quality}
         for p in prompts:
             tiles = [image_dir / relpath("dpg", p.key, p.index, k, n_per) for k in range(n_per)]
-            out = image_dir / f"{p.key}.png"
+            out = image_dir / f"{p.key}.{ext}"
             if out.exists() or not all(t.exists() for t in tiles):
                 continue
             ims = [Image.open(t).convert("RGB") for t in tiles]
@@ -49,6 +120,18 @@ def finalize(layout: str, image_dir: Path, prompts, n_per: int) -> None:
             grid = Image.new("RGB", (2 * R, 2 * R))
             for k, im in enumerate(ims[:4]):
                 grid.paste(im, ((k % 2) * R, (k // 2) * R))
-            tmp = out.with_name(out.name + ".tmp")
-            grid.save(tmp, format="PNG")
-            tmp.replace(out)
+            _atomic_save(grid, out, kwargs)
+    elif layout == "imagereward":
+        # Infinity's infer4eval.py: a JSON list (json.dump, despite the .jsonl name) of the prompt entries, each with
+        # ``gen_image_paths``; cal_imagereward.py --meta_file <this> opens those paths as written (absolute here, so
+        # it runs from any working directory) and scores meta["prompt"].
+        entries = []
+        for p in prompts:
+            paths = [image_dir / relpath("imagereward", p.key, p.index, k, n_per, fmt) for k in range(n_per)]
+            paths = [str(x.resolve()) for x in paths if x.exists()]
+            if paths:
+                entries.append({**(p.meta or {"id": p.key, "prompt": p.prompt}), "gen_image_paths": paths})
+        if entries:
+            tmp = image_dir / "metadata.jsonl.tmp"
+            tmp.write_text(json.dumps(entries))
+            tmp.replace(image_dir / "metadata.jsonl")

@@ -114,7 +114,7 @@ def test_geneval_layout_and_missing_detector_weights(tmp_path):
     for i in range(2):
         meta = json.loads((img / f"{i:05d}/metadata.jsonl").read_text())
         assert meta["prompt"] and "tag" in meta
-        assert sorted(p.name for p in (img / f"{i:05d}/samples").iterdir()) == [f"{k:04d}.png" for k in range(4)]
+        assert sorted(p.name for p in (img / f"{i:05d}/samples").iterdir()) == [f"{k:05d}.jpg" for k in range(4)]
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "mask2former" in lines[0] and "bench.geneval.weights_dir" in lines[0]
@@ -133,13 +133,16 @@ def test_score_folder_runs_the_real_path_with_a_tiny_detector(tmp_path):
         d = tmp_path / f"{i:05d}"
         (d / "samples").mkdir(parents=True)
         (d / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
-        Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "samples" / "0000.png")
-        Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "samples" / "0000.jpg")  # official regex: png only
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "samples" / "00000.png")
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "samples" / "00001.jpg")   # Infinity's regex: png or jpg
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "samples" / "00002.webp")  # neither: not scored
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "samples" / "00003.jpg.tmp", format="JPEG")
     det = HFMask2Former("", model=_tiny_mask2former())
     res, summary = score_folder(tmp_path, det, lambda im, d, o: ["red"] * len(d), [f"c{i}" for i in range(80)],
                                 out_jsonl=tmp_path / "r.jsonl")
-    assert len(res) == 2 and set(summary) == {"single_object", "counting", "overall"}
-    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+    assert len(res) == 4 and set(summary) == {"single_object", "counting", "overall"}
+    assert sorted({r["filename"].rsplit("/", 1)[1] for r in res}) == ["00000.png", "00001.jpg"]
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
 
 
 def test_scoring_resumes_from_the_cache(tmp_path):

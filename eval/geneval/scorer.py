@@ -121,8 +121,9 @@ class ClipColor:
 
 def score_folder(image_dir: Path, detector, color, classnames: list[str], opt: Options = Options(),
                  out_jsonl: Path | None = None, cache=None) -> tuple[list[dict], dict]:
-    """Score a GenEval-layout folder (ours or anyone's): <idx>/metadata.jsonl + <idx>/samples/<k>.png.
-    ``cache`` (eval.cache.ScoreCache) makes a rerun skip images already scored."""
+    """Score a GenEval-layout folder (ours or anyone's): <idx>/metadata.jsonl + <idx>/samples/<k>.png|jpg (the
+    file names Infinity/FastVAR's evaluate_images.py accepts: digits + .png or .jpg; the original GenEval script
+    accepts only .png). ``cache`` (eval.cache.ScoreCache) makes a rerun skip images already scored."""
     import re
 
     from PIL import Image
@@ -131,7 +132,7 @@ def score_folder(image_dir: Path, detector, color, classnames: list[str], opt: O
     for folder in sorted(p for p in Path(image_dir).iterdir() if p.is_dir() and p.name.isdigit()):
         meta = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
         for img_path in sorted((folder / "samples").iterdir()):
-            if not re.fullmatch(r"\d+\.png", img_path.name):
+            if not re.fullmatch(r"\d+\.(png|jpg)", img_path.name):
                 continue
             hit = cache.get(img_path) if cache is not None else None
             if hit is not None:
