@@ -1,4 +1,5 @@
-"""ShapesEval: ground-truth renders score ~1.0, deliberately wrong ones score 0, and the bench runs end to end."""
+"""ShapesEval: ground-truth renders score 1.0 whatever their textures, deliberately wrong ones score 0, noise stays
+near 0, and the bench runs end to end."""
 import json
 import os
 import random
@@ -8,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from eval.shapes.scorer import detect, score_image
-from eval.shapes.world import COLORS, TAGS, Obj, make_prompt, prompt_set, render, sample
+from eval.shapes.scorer import detect, label4, score_image
+from eval.shapes.world import (BG_AMP, COLORS, FAMILIES, FILL_AMP, TAGS, Obj, Texture, make_prompt, prompt_set,
+                               random_texture, render, sample)
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -29,29 +31,34 @@ def test_detector_reads_shapes_colours_and_boxes():
                      ("triangle", "green", (5, 35, 25, 55))}
 
 
-def _wrong(meta, img_objs, size):
-    """A deliberately wrong image for the prompt."""
+def _wrong(meta, img_objs, size, background=None):
+    """A deliberately wrong image for the prompt (same textures)."""
     tag = meta["tag"]
     objs = list(img_objs)
     if tag in ("colors", "color_attr"):
-        objs = [Obj(o.shape, next(c for c in COLORS if c != o.color), o.box) for o in objs]
+        objs = [Obj(o.shape, next(c for c in COLORS if c != o.color), o.box, o.texture) for o in objs]
     elif tag == "position":
-        objs = [Obj(o.shape, o.color, (size - o.box[2], size - o.box[3], size - o.box[0], size - o.box[1])) for o in objs]
+        objs = [Obj(o.shape, o.color, (size - o.box[2], size - o.box[3], size - o.box[0], size - o.box[1]), o.texture)
+                for o in objs]
     elif tag == "counting":
         objs = objs[:-1]
     else:
         objs = objs[1:] if tag == "two_object" else [Obj("square" if objs[0].shape != "square" else "circle",
-                                                          objs[0].color, objs[0].box)]
-    return np.asarray(render(objs, size))
+                                                          objs[0].color, objs[0].box, objs[0].texture)]
+    return np.asarray(render(objs, size, background))
 
 
-def test_wrong_images_score_zero():
+@pytest.mark.parametrize("textured", [False, True])
+def test_wrong_images_score_zero(textured):
     rng = random.Random(3)
     for i in range(60):
         meta = make_prompt(TAGS[i % len(TAGS)], rng)
         img, objs = sample(meta, 64, seed=i)
         assert score_image(np.asarray(img), meta)[0]
-        assert not score_image(_wrong(meta, objs, 64), meta)[0], meta["prompt"]
+        bg = random_texture(FAMILIES[i % len(FAMILIES)], BG_AMP, random.Random(i)) if textured else None
+        if not textured:
+            objs = [Obj(o.shape, o.color, o.box) for o in objs]
+        assert not score_image(_wrong(meta, objs, 64, bg), meta)[0], meta["prompt"]
     blank = np.full((64, 64, 3), 255, np.uint8)
     assert not score_image(blank, make_prompt("single_object", rng))[0]
 
@@ -71,7 +78,7 @@ def test_shapes_bench_runs_end_to_end(tmp_path):
 def test_noise_scores_near_zero(kind):
     """Speckle, smooth blobs and coloured blocks are not shapes: the detector's solidity rules keep noise near 0
     (before them, an untrained model's speckle scored 0.55 on single/two-object prompts)."""
-    from scipy import ndimage
+    from eval.shapes.world import gaussian_blur
 
     rs = np.random.RandomState(0)
     metas = prompt_set(20, seed=5)
@@ -80,9 +87,55 @@ def test_noise_scores_near_zero(kind):
         if kind == "pixels":
             im = rs.randint(0, 256, (64, 64, 3))
         elif kind == "blobs":
-            im = ndimage.gaussian_filter(rs.rand(64, 64, 3), (3, 3, 0))
+            im = np.stack([gaussian_blur(rs.rand(64, 64), 3) for _ in range(3)], -1)
             im = (im - im.min()) / (im.max() - im.min()) * 255
         else:
             im = np.kron(rs.randint(0, 256, (4, 4, 3)), np.ones((16, 16, 1)))
         ok += score_image(im.astype(np.uint8), m)[0]
     assert ok / len(metas) <= 0.1
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_every_texture_family_keeps_ground_truth_exact(size):
+    """Each background family x each fill family, at the amplitude bounds: renders score 1.0, boxes are read exactly,
+    the background stays below the scorer's foreground threshold and fills stay named by their colour."""
+    rng = random.Random(11)
+    for bi, bfam in enumerate(FAMILIES):
+        for fi, ffam in enumerate(FAMILIES):
+            for amp_pick in (0, 1):
+                bg = random_texture(bfam, (BG_AMP[amp_pick],) * 2, rng)
+                tex = random_texture(ffam, (FILL_AMP[amp_pick],) * 2, rng)
+                k = size // 64
+                objs = [Obj("circle", "yellow", (2 * k, 2 * k, 22 * k, 22 * k), tex),
+                        Obj("square", "blue", (30 * k, 30 * k, 50 * k, 50 * k), tex),
+                        Obj("triangle", "purple", (5 * k, 35 * k, 25 * k, 55 * k), tex)]
+                img = np.asarray(render(objs, size, bg))
+                found = {(s, d.color, d.box) for s, ds in detect(img).items() for d in ds}
+                assert found == {(o.shape, o.color, o.box) for o in objs}, (bfam, ffam, amp_pick)
+                plain = np.asarray(render([], size, bg)).astype(float)
+                assert np.linalg.norm(plain - 255, axis=-1).max() < 50, bfam
+
+
+def test_textures_are_seeded_and_vary():
+    metas = prompt_set(20, seed=0)
+    a = [np.asarray(sample(m, 64, seed=i)[0]) for i, m in enumerate(metas[:12])]
+    b = [np.asarray(sample(m, 64, seed=i)[0]) for i, m in enumerate(metas[:12])]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(np.asarray(sample(metas[0], 64, seed=0)[0]), np.asarray(sample(metas[0], 64, seed=1)[0]))
+    fams = {m["background"] for m in metas}
+    assert fams == set(FAMILIES)
+    named = [m for m in metas if m["background_named"]]
+    assert 0.3 < len(named) / len(metas) < 0.7 and all(" on " in m["prompt"] for m in named)
+    assert max(len(m["prompt"].encode()) for m in metas) <= 64   # conf/model/tiny.yaml text_maxlen
+
+
+def test_label4_is_four_connected_in_raster_order():
+    m = np.zeros((6, 7), bool)
+    m[0, 4:6] = True          # component 1 (first in raster order)
+    m[1, 1] = m[2, 1] = True  # component 2
+    m[3, 2] = True            # diagonal to component 2: a separate component (3)
+    m[5, 0:7] = True          # component 4
+    lab, boxes = label4(m)
+    assert lab.max() == 4 and lab[0, 4] == 1 and lab[1, 1] == 2 and lab[3, 2] == 3 and lab[5, 6] == 4
+    assert boxes == [(slice(0, 1), slice(4, 6)), (slice(1, 3), slice(1, 2)), (slice(3, 4), slice(2, 3)),
+                     (slice(5, 6), slice(0, 7))]

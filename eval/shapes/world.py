@@ -1,14 +1,35 @@
-"""The shapes world: flat-coloured circles, squares and triangles on white, with GenEval-like prompts.
+"""The shapes world: circles, squares and triangles with GenEval-like prompts, on textured backgrounds.
 
 Everything is deterministic from a seed and needs no files. Each prompt carries GenEval-format metadata (``tag``,
 ``include`` / ``exclude`` clauses with class, count, colour, position), so ShapesEval reuses GenEval's rules
 (``eval/geneval/rules.py``) with an exact detector (``eval/shapes/scorer.py``) instead of a neural one.
 Tags: single_object, two_object, counting, colors, position, color_attr (GenEval's six).
+
+Fine-scale detail (issue 18). Objects and background carry textures drawn from seeded stochastic families, so an
+image is not determined by its layout: the scales that resolve a texture have real, image-dependent uncertainty
+(NOVA's premise: structure first, then detail). Families, each with a random scale (period / correlation length,
+2-16 px at 64 px), orientation and phase:
+
+  plain     no texture (a flat fill, or the white background)
+  grain     i.i.d. per-pixel noise
+  stripes   a sine wave at a random period, angle and phase
+  gradient  a linear ramp at a random angle
+  noise     smooth noise (Gaussian-filtered white noise at a random correlation length)
+  checks    a checkerboard of sine waves at a random period and phase
+
+The background family is named in the prompt for half of the prompts ("a red circle on stripes"), so the text
+conditions part of the detail and leaves the rest to chance. Textures stay inside bounds that keep ShapesEval exact
+(``tests/test_shapes.py``): the background is grey-darkened by at most ``BG_AMP`` per channel (L2 from white
+< the scorer's 60), object fills move by at most ``FILL_AMP`` per channel around their colour (every object pixel
+stays > 150 from white and its median names the colour).
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+
+import numpy as np
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 30)}
@@ -16,6 +37,21 @@ SHAPES = ("circle", "square", "triangle")
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+FAMILIES = ("plain", "grain", "stripes", "gradient", "noise", "checks")
+BG_WORDS = {"plain": "white", "grain": "grain", "stripes": "stripes", "gradient": "a gradient", "noise": "noise",
+            "checks": "checks"}
+BG_AMP = (14.0, 26.0)     # per-channel darkening of the background, px value range (max L2 from white 26·√3 < 60)
+FILL_AMP = (12.0, 34.0)   # per-channel amplitude of an object's fill texture around its colour
+
+
+@dataclass
+class Texture:
+    family: str = "plain"
+    amp: float = 0.0      # pixel-value amplitude
+    scale: float = 4.0    # period (stripes, checks) or correlation length (noise), px at 64 px
+    angle: float = 0.0    # radians (stripes, gradient)
+    phase: float = 0.0    # radians (stripes, checks)
+    seed: int = 0         # grain, noise
 
 
 @dataclass
@@ -23,6 +59,7 @@ class Obj:
     shape: str
     color: str
     box: tuple[int, int, int, int]   # x1, y1, x2, y2 (exclusive)
+    texture: Texture | None = None   # fill texture (None = flat)
 
 
 def _article(word: str) -> str:
@@ -34,8 +71,7 @@ def _np(shape: str, color: str | None = None) -> str:
     return f"{_article(w)} {w}"
 
 
-def make_prompt(tag: str, rng: random.Random) -> dict:
-    """One GenEval-style metadata record for a tag."""
+def _objects_prompt(tag: str, rng: random.Random) -> dict:
     s1, s2 = rng.sample(SHAPES, 2)
     c1, c2 = rng.sample(sorted(COLORS), 2)
     if tag == "single_object":
@@ -59,9 +95,57 @@ def make_prompt(tag: str, rng: random.Random) -> dict:
     raise ValueError(f"unknown tag {tag!r}")
 
 
+def make_prompt(tag: str, rng: random.Random) -> dict:
+    """One GenEval-style metadata record for a tag, with its background family (``background``) and whether the
+    prompt names it (``background_named``; then the prompt ends in " on <family>")."""
+    meta = _objects_prompt(tag, rng)
+    meta["background"] = rng.choice(FAMILIES)
+    meta["background_named"] = rng.random() < 0.5
+    if meta["background_named"]:
+        meta["prompt"] += f" on {BG_WORDS[meta['background']]}"
+    return meta
+
+
 def prompt_set(n_per_tag: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [make_prompt(tag, rng) for tag in TAGS for _ in range(n_per_tag)]
+
+
+def random_texture(family: str, amp_range: tuple[float, float], rng: random.Random) -> Texture:
+    """A texture of a family with seeded random amplitude, scale (log-uniform 2-16 px), angle and phase."""
+    if family == "plain":
+        return Texture()
+    return Texture(family, rng.uniform(*amp_range), math.exp(rng.uniform(math.log(2.0), math.log(16.0))),
+                   rng.uniform(0, math.pi), rng.uniform(0, 2 * math.pi), rng.randrange(1 << 30))
+
+
+def gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    """Periodic Gaussian blur of a 2-D array (FFT; numpy only)."""
+    fy = np.fft.fftfreq(a.shape[0])[:, None]
+    fx = np.fft.fftfreq(a.shape[1])[None, :]
+    return np.real(np.fft.ifft2(np.fft.fft2(a) * np.exp(-2 * (math.pi * sigma) ** 2 * (fx ** 2 + fy ** 2))))
+
+
+def texture_field(t: Texture, size: int) -> np.ndarray:
+    """The texture's field in [-1, 1], float64 [size, size] (scale given at 64 px, scaled with the image)."""
+    k = size / 64.0
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / k
+    if t.family == "plain":
+        return np.zeros((size, size))
+    if t.family == "grain":
+        return np.random.RandomState(t.seed).uniform(-1, 1, (size, size))
+    if t.family == "stripes":
+        return np.sin(2 * math.pi * (x * math.cos(t.angle) + y * math.sin(t.angle)) / t.scale + t.phase)
+    if t.family == "gradient":
+        u = x * math.cos(t.angle) + y * math.sin(t.angle)
+        return (u - u.min()) / max(u.max() - u.min(), 1e-9) * 2 - 1
+    if t.family == "noise":
+        f = gaussian_blur(np.random.RandomState(t.seed).randn(size, size), t.scale * k / 2)
+        return np.clip(f / max(f.std(), 1e-9) / 2, -1, 1)
+    if t.family == "checks":
+        w = 2 * math.pi / t.scale
+        return np.sin(w * x + t.phase) * np.sin(w * y + t.phase / 2)
+    raise ValueError(f"unknown texture family {t.family!r}")
 
 
 def layout(meta: dict, size: int, rng: random.Random) -> list[Obj]:
@@ -94,25 +178,46 @@ def _overlap(a, b, gap=0) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def render(objs: list[Obj], size: int):
+def _masks(objs: list[Obj], size: int):
+    """Per object, its boolean mask as drawn (PIL: ellipse, rectangle, apex-up triangle)."""
     from PIL import Image, ImageDraw
 
-    im = Image.new("RGB", (size, size), (255, 255, 255))
-    d = ImageDraw.Draw(im)
+    out = []
     for o in objs:
+        im = Image.new("L", (size, size), 0)
+        d = ImageDraw.Draw(im)
         x1, y1, x2, y2 = o.box
-        c = COLORS[o.color]
         if o.shape == "circle":
-            d.ellipse((x1, y1, x2 - 1, y2 - 1), fill=c)
+            d.ellipse((x1, y1, x2 - 1, y2 - 1), fill=255)
         elif o.shape == "square":
-            d.rectangle((x1, y1, x2 - 1, y2 - 1), fill=c)
+            d.rectangle((x1, y1, x2 - 1, y2 - 1), fill=255)
         else:
-            d.polygon([((x1 + x2 - 1) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=c)
-    return im
+            d.polygon([((x1 + x2 - 1) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=255)
+        out.append(np.asarray(im) > 0)
+    return out
+
+
+def render(objs: list[Obj], size: int, background: Texture | None = None):
+    """The image (PIL RGB): the background (white, darkened in grey by its texture) and each object's colour plus
+    its fill texture (flat when None)."""
+    from PIL import Image
+
+    bg = background or Texture()
+    grey = 255.0 - bg.amp * (texture_field(bg, size) + 1) / 2
+    img = np.repeat(grey[:, :, None], 3, axis=2)
+    for o, m in zip(objs, _masks(objs, size)):
+        fill = np.asarray(COLORS[o.color], np.float64)[None, None, :].repeat(size, 0).repeat(size, 1)
+        if o.texture is not None and o.texture.family != "plain":
+            fill = fill + o.texture.amp * texture_field(o.texture, size)[:, :, None]
+        img[m] = fill[m]
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
 def sample(meta: dict, size: int = 64, seed: int = 0):
-    """A ground-truth image of the prompt (PIL) and its objects."""
+    """A ground-truth image of the prompt (PIL) and its objects (with their fill textures). The background family
+    is the metadata's (drawn when absent); its parameters and the fills are drawn from the seed."""
     rng = random.Random(seed)
     objs = layout(meta, size, rng)
-    return render(objs, size), objs
+    bg = random_texture(meta.get("background") or rng.choice(FAMILIES), BG_AMP, rng)
+    objs = [Obj(o.shape, o.color, o.box, random_texture(rng.choice(FAMILIES), FILL_AMP, rng)) for o in objs]
+    return render(objs, size, bg), objs
