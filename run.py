@@ -16,6 +16,9 @@ def _tag(override_dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("tag", _tag, replace=True)
+from varbench.harness.registry import register_configs  # noqa: E402
+
+register_configs()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -24,12 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from varbench.errors import UserError
-from varbench.hooks import LayerCtx, Method, ScaleCtx, ScalePlan
-from varbench.tokens import Selection, resize_grid
+from varbench.hooks import LayerCtx, Method, MethodConfig, ScaleCtx, ScalePlan
+from varbench.tokens import ResidualCache, Selection, check_ratio, keep_count
 
 
 @dataclass
-class FastVARConfig:
+class FastVARConfig(MethodConfig):
+    name: str = "fastvar"
+    family: str = "fastvar"
     prune_ratios: dict = field(default_factory=lambda: {32: 0.4, 40: 0.5})   # scale width -> ratio
     skip_widths: list = field(default_factory=lambda: [48, 64])
     blocks: list = field(default_factory=lambda: [3, 27])                    # inclusive global block range
@@ -37,10 +39,8 @@ class FastVARConfig:
     interp: str = "area"
 
     def __post_init__(self):
-        self.prune_ratios = {int(k): float(v) for k, v in (self.prune_ratios or {}).items()}
-        for w, r in self.prune_ratios.items():
-            if not 0.0 <= r <= 1.0:
-                raise UserError(f"fastvar.prune_ratios[{w}] must be in [0, 1] (1 = bypass), got {r}")
+        self.prune_ratios = {int(k): check_ratio(v, f"fastvar.prune_ratios[{k}]")
+                             for k, v in (self.prune_ratios or {}).items()}
         if len(self.blocks) != 2 or self.blocks[0] > self.blocks[1]:
             raise UserError(f"fastvar.blocks must be [first, last], got {self.blocks}")
         self.skip_widths = [int(w) for w in self.skip_widths or []]
@@ -58,17 +58,15 @@ def distance_to_mean_keep(x_BNC: torch.Tensor, hw: tuple[int, int], k: int) -> t
 
 
 class FastVAR(Method):
-    name = "fastvar"
     CITATION = "FastVAR, arXiv 2503.23367; official csguoh/FastVAR @34cdd65 (Infinity/); shared/specs/methods.md §1"
+    STATUS = "exact (fixture-verified on Infinity)"
     Config = FastVARConfig
+    NOOP = {"prune_ratios": {}, "skip_widths": []}
     granularity = "branch"
+    cfg: FastVARConfig
 
-    def __init__(self, cfg: FastVARConfig | None = None):
-        self.cfg = cfg or FastVARConfig()
-        self.reset()
-
-    def reset(self, sctx: ScaleCtx | None = None) -> None:
-        self.cache: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, int]]] = {}
+    def reset(self) -> None:
+        self.cache = ResidualCache()            # (li, branch) -> full branch output at the cache scale
         self.kept: dict[tuple[int, int, str], torch.Tensor] = {}   # (si, li, branch) -> keep_idx, for inspection
         self.skipped: list[int] = []
 
@@ -76,6 +74,7 @@ class FastVAR(Method):
         skip = sctx.rule_w in self.cfg.skip_widths
         if skip:
             self.skipped.append(sctx.si)
+            self.claim_skip(sctx)
         return ScalePlan(skip=skip)
 
     def _in_blocks(self, li: int) -> bool:
@@ -88,24 +87,20 @@ class FastVAR(Method):
         ratio = self.cfg.prune_ratios.get(w)
         if ratio is None or not self._in_blocks(lctx.li):
             return None
-        k = n - int(n * ratio)
+        k = keep_count(n, ratio)
         idx = distance_to_mean_keep(x, lctx.scale.hw, k)
         self.kept[(lctx.si, lctx.li, lctx.branch)] = idx
+        self.claim(lctx, k)
         return Selection(idx, n)
 
     def restore(self, lctx: LayerCtx, x_in, y_kept, sel):
         key = (lctx.li, lctx.branch)
         if lctx.scale.rule_w == self.cfg.cache_width:  # full branch output (after its gamma) of the cache scale
-            self.cache[key] = ((y_kept - x_in).detach(), lctx.scale.hw)
+            self.cache.put(key, y_kept - x_in, lctx.scale.hw)
             return y_kept
         if key not in self.cache:
             raise RuntimeError(f"FastVAR: no cache scale of width {self.cfg.cache_width} ran before scale {lctx.si}")
-        out, hw = self.cache[key]
-        return sel.scatter(y_kept, x_in + resize_grid(out, hw, lctx.scale.hw, self.cfg.interp).to(x_in.dtype))
+        return sel.scatter(y_kept, self.cache.restore(key, x_in, lctx.scale.hw, self.cfg.interp))
 
     def summary(self) -> dict:
-        claimed: dict[str, dict[int, list]] = {}
-        for (si, li, _), idx in self.kept.items():
-            claimed.setdefault(str(si), {}).setdefault(li, []).append(idx.shape[-1])
-        return {"skipped_scales": list(self.skipped),
-                "tokens_kept": {si: {str(li): ks for li, ks in d.items()} for si, d in claimed.items()}}
+        return {"skipped_scales": list(self.skipped)}

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from varbench.errors import UserError
-from varbench.hooks import Method, ScaleCtx, ScalePlan
+from varbench.hooks import Method, MethodConfig, ScaleCtx, ScalePlan
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -75,7 +75,9 @@ class LinearDecision:
 
 
 @dataclass
-class SkipVARConfig:
+class SkipVARConfig(MethodConfig):
+    name: str = "skipvar"
+    family: str = "skipvar"
     decision_model: str = "skipvar_ssim84"   # baselines/data/<name>.json
     decision_from_end: int = 4               # decide after scale T − 4 (official: 9 of 13)
     preview_si: int = 4                      # decode previews on the VAE grid of this scale (official: 4)
@@ -90,35 +92,38 @@ class SkipVARConfig:
 
 
 class SkipVAR(Method):
-    name = "skipvar"
     CITATION = "SkipVAR, arXiv 2506.08908; official fakerone-li/SkipVAR @607be0e; shared/specs/methods.md §4"
+    STATUS = "exact (fixture-verified on Infinity)"
     Config = SkipVARConfig
+    NOOP = {"decision_from_end": 99}       # the decision scale is never reached
+    FAMILIES = ("infinity",)               # the official code and decision model exist for Infinity only
     batch_rectangular = False
+    cfg: SkipVARConfig
 
     def __init__(self, cfg: SkipVARConfig | None = None):
-        self.cfg = cfg or SkipVARConfig()
+        super().__init__(cfg)
         self.skip_model, self.uncond_model = self.cfg.load()
-        self.reset()
 
-    def reset(self, sctx: ScaleCtx | None = None) -> None:
-        self.old_summed = None
+    def reset(self) -> None:
+        self.old_state = None
         self.decision: dict = {}
         self.stop_at: int | None = None
         self.cond_only_from: int | None = None
 
     def plan_scale(self, sctx: ScaleCtx) -> ScalePlan:
         skip = self.stop_at is not None and sctx.si >= self.stop_at
+        if skip:
+            self.claim_skip(sctx)
         cond_only = self.cond_only_from is not None and sctx.si >= self.cond_only_from
         return ScalePlan(skip=skip, cond_only=cond_only)
 
     def after_scale(self, sctx: ScaleCtx, state) -> None:
         T, d = sctx.num_scales, sctx.num_scales - self.cfg.decision_from_end
         if sctx.si == d - 1:
-            self.old_summed = state.summed.clone()
-        if sctx.si != d or self.old_summed is None:
+            self.old_state = state        # states are values: the loop never edits one in place
+        if sctx.si != d or self.old_state is None:
             return
-        bb = sctx.backbone
-        old, new = bb.preview(self.old_summed, self.cfg.preview_si), bb.preview(state.summed, self.cfg.preview_si)
+        old, new = sctx.preview(self.old_state, self.cfg.preview_si), sctx.preview(state, self.cfg.preview_si)
         diff_hf = float(F.l1_loss(sobel_magnitude(new), sobel_magnitude(old)))
         ratio = float(hf_ratio(new, self.cfg.freq_ratio))
         x = [diff_hf, ratio]
@@ -134,5 +139,3 @@ class SkipVAR(Method):
     def summary(self) -> dict:
         return dict(self.decision, stop_at=self.stop_at, cond_only_from=self.cond_only_from)
 
-    def claimed_skips(self, num_scales: int) -> list[int]:
-        return list(range(self.stop_at, num_scales)) if self.stop_at is not None else []

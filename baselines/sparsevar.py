@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 import torch
 
 from varbench.errors import UserError
-from varbench.hooks import LayerCtx, Method, ScaleCtx
-from varbench.tokens import Selection, resize_grid
+from varbench.hooks import LayerCtx, Method, MethodConfig
+from varbench.tokens import ResidualCache, Selection, check_ratio, keep_count, resize_grid
 
 
 @dataclass
-class SparseVARConfig:
+class SparseVARConfig(MethodConfig):
+    name: str = "sparsevar"
+    family: str = "sparsevar"
     ratios: dict = field(default_factory=lambda: {32: 0.3, 40: 0.4, 48: 0.5, 64: 0.5})  # OURS (unknown)
     score_block: float = 0.5        # block s as a fraction of depth (0.5 = the middle block); OURS
     anchor_stride: int = 4          # OURS
@@ -32,10 +34,7 @@ class SparseVARConfig:
     restore: str = "keep_input"     # keep_input | prev_residual
 
     def __post_init__(self):
-        self.ratios = {int(k): float(v) for k, v in (self.ratios or {}).items()}
-        for w, r in self.ratios.items():
-            if not 0.0 <= r <= 1.0:
-                raise UserError(f"sparsevar.ratios[{w}] must be in [0, 1] (1 = bypass), got {r}")
+        self.ratios = {int(k): check_ratio(v, f"sparsevar.ratios[{k}]") for k, v in (self.ratios or {}).items()}
         if self.restore not in ("keep_input", "prev_residual"):
             raise UserError(f"sparsevar.restore must be keep_input or prev_residual, got {self.restore!r}")
         if not 0.0 <= self.score_block <= 1.0 or self.anchor_stride < 1:
@@ -50,20 +49,18 @@ def anchor_mask(h: int, w: int, stride: int) -> torch.Tensor:
 
 
 class SparseVAR(Method):
-    name = "sparsevar"
     CITATION = "SparseVAR, arXiv 2507.20454 (mechanism only; no official code/schedule; defaults ours)"
+    STATUS = "reconstructed from the paper (no official code or schedule; defaults ours)"
+    FOOTNOTE = "SparseVAR is reconstructed from its paper: no official code or schedule is public; defaults are ours."
     Config = SparseVARConfig
+    NOOP = {"ratios": {}}
     batch_rectangular = True
+    cfg: SparseVARConfig
 
-    def __init__(self, cfg: SparseVARConfig | None = None):
-        self.cfg = cfg or SparseVARConfig()
-        self.reset()
-
-    def reset(self, sctx: ScaleCtx | None = None) -> None:
+    def reset(self) -> None:
         self.mse: tuple[torch.Tensor, tuple[int, int]] | None = None   # [1, n_prev] map at the previous scale
-        self.cache: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        self.cache = ResidualCache()
         self.sel: Selection | None = None
-        self.claimed: dict[str, list] = {}
 
     def _score_layer(self, depth: int) -> int:
         return min(depth - 1, int(round(self.cfg.score_block * (depth - 1))))
@@ -74,27 +71,22 @@ class SparseVAR(Method):
             self.sel = None
             ratio = self.cfg.ratios.get(lctx.scale.rule_w)
             if ratio is not None and self.mse is not None:
-                k = n - int(n * ratio)
+                k = keep_count(n, ratio)
                 score = resize_grid(self.mse[0][..., None], self.mse[1], (h, w), self.cfg.interp)[..., 0]
                 anchors = anchor_mask(h, w, self.cfg.anchor_stride).to(score.device)
                 score = score.masked_fill(anchors[None], float("inf"))  # anchors always kept
                 self.sel = Selection.top_k(score, max(k, int(anchors.sum())))
-            depth = lctx.scale.backbone.spec.depth
-            self.claimed[str(si)] = [float(n if self.sel is None else self.sel.k)] * depth
+        self.claim(lctx, n if self.sel is None else self.sel.k)
         return self.sel
 
     def restore(self, lctx, x_in, y_kept, sel):
         base = x_in
-        if self.cfg.restore == "prev_residual" and lctx.li in self.cache:
-            res, hw = self.cache[lctx.li]
-            base = x_in + resize_grid(res, hw, lctx.scale.hw, self.cfg.interp).to(x_in.dtype)
+        if self.cfg.restore == "prev_residual":
+            base = self.cache.restore(lctx.li, x_in, lctx.scale.hw, self.cfg.interp)
         return sel.scatter(y_kept, base)
 
     def after_layer(self, lctx: LayerCtx, x_in, x_out) -> None:
-        if lctx.li == self._score_layer(lctx.scale.backbone.spec.depth):
+        if lctx.li == self._score_layer(lctx.scale.spec.depth):
             self.mse = ((x_out - x_in).float().pow(2).mean(-1).mean(0, keepdim=True), lctx.scale.hw)
         if self.cfg.restore == "prev_residual":
-            self.cache[lctx.li] = ((x_out - x_in).detach(), lctx.scale.hw)
-
-    def summary(self) -> dict:
-        return {"tokens_claimed": dict(self.claimed)}
+            self.cache.put(lctx.li, x_out - x_in, lctx.scale.hw)

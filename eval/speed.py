@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.fidelity import fidelity_per_image
-from varbench.flops import flops_for_backbone
+from varbench.backbones.base import BackboneSpec
+from varbench.flops import generation_flops
 
 PSNR_CAP = 100.0
 
@@ -29,19 +30,13 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def run_metrics(recs: dict[int, dict], backbone, ref: dict[int, dict] | None = None,
+def run_metrics(recs: dict[int, dict], spec: BackboneSpec, ref: dict[int, dict] | None = None,
                 image_dir: Path | None = None, ref_dir: Path | None = None) -> dict[str, tuple[float, int]]:
     """metric -> (value, n). ``recs``/``ref``: index -> per-image record (records.jsonl)."""
     idx = sorted(recs)
     out = {"latency_s": (_mean([recs[i]["time_per_image_s"] for i in idx]), len(idx)),
            "peak_mem_gb": (max(recs[i]["peak_memory_bytes"] for i in idx) / 2**30, len(idx))}
-    summ = [recs[i].get("method_summary") or {} for i in idx]
-    if any("t_star" in s for s in summ):
-        out["activation_rate"] = (_mean([float(bool(s.get("activated"))) for s in summ]), len(idx))
-        stars = [s["t_star"] for s in summ if s.get("t_star") is not None]
-        if stars:
-            out["t_star_mean"] = (sum(stars) / len(stars), len(stars))
-    flops = {i: flops_for_backbone(recs[i], backbone) for i in idx}
+    flops = {i: generation_flops(recs[i], spec) for i in idx}
     out["gflops"] = (_mean(list(flops.values())) / 1e9, len(idx))
     if ref is None:
         return out
@@ -50,7 +45,7 @@ def run_metrics(recs: dict[int, dict], backbone, ref: dict[int, dict] | None = N
         return out
     lat, rlat = _mean([recs[i]["time_per_image_s"] for i in common]), _mean([ref[i]["time_per_image_s"] for i in common])
     out["speedup"] = (rlat / lat, len(common))
-    rflops = sum(flops_for_backbone(ref[i], backbone) for i in common)
+    rflops = sum(generation_flops(ref[i], spec) for i in common)
     out["flop_speedup"] = (rflops / sum(flops[i] for i in common), len(common))
     out["tokens_frac"] = (sum(_tokens(recs[i]) for i in common) / sum(_tokens(ref[i]) for i in common), len(common))
     if image_dir is not None and ref_dir is not None:

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from varbench.attention import reference_attention
 from varbench.entropy import token_entropy
 from varbench.errors import UserError
-from varbench.hooks import LayerCtx, Method, ScaleCtx
-from varbench.tokens import Selection, resize_grid
+from varbench.hooks import LayerCtx, Method, MethodConfig, ScaleCtx, ScalePlan
+from varbench.tokens import ResidualCache, Selection, check_ratio, keep_count, resize_grid
 
 CITATION = "NOVA, arXiv 2602.01345, §3.3 Eqs. 4-16 and §4.1 (no official code); readings: shared/specs/methods.md §2"
 
@@ -82,21 +83,13 @@ def layer_ratio(r_t: float, layer_means: list[float], eps: float = 1e-8) -> floa
     return r_t - delta * r_t
 
 
-def keep_count(n: int, ratio: float, r_max: float = 1.0, min_keep: int = 0) -> int:
-    """Clip to [0, r_max]; K = N − floor(N·ratio) (FastVAR's rounding), at least ``min_keep``."""
-    r = min(max(ratio, 0.0), r_max)
-    return min(n, max(n - math.floor(n * r), min_keep))
-
-
-def check_ratio(value: float, what: str) -> float:
-    if not (0.0 <= float(value) <= 1.0):
-        raise UserError(f"{what} must be in [0, 1] (1 = bypass), got {value}")
-    return float(value)
 
 
 # ------------------------------------------------------------------ the method
 @dataclass
-class NovaConfig:
+class NovaConfig(MethodConfig):
+    name: str = "nova"
+    family: str = "nova"
     t_est: int = 5
     alpha: float = 0.5
     sigmoid_tau: float = 0.8          # NOVA's τ in Eq. 11 (not the sampling temperature)
@@ -139,23 +132,20 @@ class NovaConfig:
 
 
 class Nova(Method):
-    name = "nova"
     CITATION = CITATION
+    STATUS = "reimplemented from the paper (no official code); readings in the README"
     Config = NovaConfig
+    NOOP = {"r_max": 0.0}      # every ratio clipped to 0: the lens runs, every token is computed
     batch_rectangular = False  # t* and the kept sets are per image
+    cfg: NovaConfig
 
-    def __init__(self, cfg: NovaConfig | None = None):
-        self.cfg = cfg or NovaConfig()
-        self.reset()
-
-    def reset(self, sctx: ScaleCtx | None = None) -> None:
+    def reset(self) -> None:
         self.H: list[float] = []                 # H̄_t per computed scale
         self.t_star: int | None = self.cfg.t_star
-        self.cache: dict[int, tuple] = {}        # li -> (residual [rows, n, C], (h, w))
+        self.cache = ResidualCache()             # li -> residual [rows, n, C] of block li at the last scale
         self.ratios: dict[int, list] = {}        # si -> [ratio per layer]
         self.layer_H: dict[int, list] = {}       # si -> [H̄_{t,j} per layer]
         self._scale_base: float | None = None
-        self.claimed: dict[str, list] = {}      # si -> tokens each layer computes (checked by the contract tests)
         self.attn_map: torch.Tensor | None = None   # [rows, n]: attention mass each token of this scale received
         self.attn_prev: tuple | None = None         # the last layer's map at the previous scale, (map, hw)
         self._sel: Selection | None = None
@@ -193,7 +183,7 @@ class Nova(Method):
         si, li, c = lctx.si, lctx.li, self.cfg
         if not self._active(si):
             return None
-        spec = lctx.scale.backbone.spec
+        spec = lctx.scale.spec
         if li == 0:
             self._scale_base = self._base_ratio(lctx.scale)
             self.ratios[si], self.layer_H[si] = [], []
@@ -211,14 +201,14 @@ class Nova(Method):
         r = min(max(r, 0.0), c.r_max)
         self.ratios[si].append(r)
         k = keep_count(n, r, c.r_max, c.min_keep)
-        self.claimed.setdefault(str(si), []).append(float(k))
+        self.claim(lctx, min(k, n))
         self._sel = None
         if k >= n:
             return None
         if c.selection == "attn" and (self.attn_map is not None or self.attn_prev is not None):
             score = self._attn_score(lctx, n)
         elif c.selection == "mse" and li in self.cache:
-            res, hw = self.cache[li]
+            res, hw = self.cache.get(li)
             score = resize_grid(res.float().pow(2).mean(-1, keepdim=True), hw, lctx.scale.hw, c.interp)[..., 0]
             score = score.mean(0, keepdim=True) if c.cfg_index_mode == "shared" else score
         else:
@@ -237,8 +227,6 @@ class Nova(Method):
     def attention(self, lctx: LayerCtx):
         if self.cfg.selection != "attn" or lctx.si + 1 < self.cfg.t_est + 1:
             return None
-        from varbench.attention import reference_attention
-
         if lctx.li == 0:
             self.attn_map = None
 
@@ -250,35 +238,32 @@ class Nova(Method):
                 self.attn_map = torch.zeros(mass.shape[0], n, device=mass.device)
             idx = (self._sel.keep_idx if self._sel is not None else torch.arange(n)[None]).to(mass.device)
             self.attn_map = self.attn_map.scatter(1, idx.expand(mass.shape[0], -1), mass[:, -kq:].float())
-            if lctx.li == lctx.scale.backbone.spec.depth - 1:
+            if lctx.li == lctx.scale.spec.depth - 1:
                 self.attn_prev = (self.attn_map.clone(), lctx.scale.hw)
 
         return reference_attention(sink)
 
     def plan_scale(self, sctx: ScaleCtx):
-        from varbench.hooks import ScalePlan
-
         c = self.cfg
         skip = (c.ratio_one_means == "skip_scale" and bool(c.fixed_ratios) and self._active(sctx.si)
                 and c.fixed_ratios.get(sctx.rule_w, 0.0) >= 1.0)
+        if skip:
+            self.claim_skip(sctx)
         return ScalePlan(skip=skip)
 
     def _restore_base(self, lctx: LayerCtx, x_in: torch.Tensor) -> torch.Tensor:
         """Eq. 16: input + the same block's residual at the previous scale, interpolated to this grid."""
-        if lctx.li not in self.cache:
-            return x_in
-        res, hw = self.cache[lctx.li]
-        return x_in + resize_grid(res, hw, lctx.scale.hw, self.cfg.interp).to(x_in.dtype)
+        return self.cache.restore(lctx.li, x_in, lctx.scale.hw, self.cfg.interp)
 
     def restore(self, lctx, x_in, y_kept, sel):
         return sel.scatter(y_kept, self._restore_base(lctx, x_in))
 
     def after_layer(self, lctx: LayerCtx, x_in, x_out) -> None:
         if lctx.si + 1 >= self.cfg.t_est + 1:  # Eq. 15, recorded speculatively until t* is known
-            self.cache[lctx.li] = ((x_out - x_in).detach(), lctx.scale.hw)
+            self.cache.put(lctx.li, x_out - x_in, lctx.scale.hw)
 
     def after_logits(self, sctx: ScaleCtx, lc, lu, lg):
-        stat, _ = self._maps(lc, lu, lg, sctx.backbone.spec)
+        stat, _ = self._maps(lc, lu, lg, sctx.spec)
         self.H.append(stat.mean().item())
         if self.t_star is None:
             self.t_star = detect_inflection(self.H, self.cfg.t_est, self.cfg.alpha, self.cfg.eta_nonpositive)
@@ -291,5 +276,14 @@ class Nova(Method):
                 "first_pruned_si": None if self.t_star is None else self.t_star,  # 0-based index of scale t*+1
                 "eta": eta, "entropy_per_scale": H, "growth": growth_rates(H),
                 "ratios": {str(k): v for k, v in self.ratios.items()},
-                "layer_entropy": {str(k): v for k, v in self.layer_H.items()},
-                "tokens_claimed": dict(self.claimed)}
+                "layer_entropy": {str(k): v for k, v in self.layer_H.items()}}
+
+    @classmethod
+    def aggregate(cls, summaries: list[dict]) -> dict[str, tuple[float, int]]:
+        """activation_rate (share of images where Eq. 10 fired in time to prune) and the mean t*."""
+        out = {"activation_rate": (sum(bool(s.get("activated")) for s in summaries) / max(1, len(summaries)),
+                                   len(summaries))}
+        stars = [s["t_star"] for s in summaries if s.get("t_star") is not None]
+        if stars:
+            out["t_star_mean"] = (sum(stars) / len(stars), len(stars))
+        return out

@@ -1,4 +1,4 @@
-"""The hook points of the generation loop, and the ``Method`` base class whose hooks all do nothing.
+"""The hook points of the generation loop, the typed contexts methods see, and the ``Method`` base class.
 
 A method (NOVA, FastVAR, ...) subclasses :class:`Method` and overrides only the hooks it needs; the loop
 (``varbench/loop.py``) calls them in this order for each scale ``si`` (one batch of images):
@@ -8,13 +8,21 @@ A method (NOVA, FastVAR, ...) subclasses :class:`Method` and overrides only the 
         attention(lctx)                      -> an attention kernel for this (scale, layer), or None (default)
         select(lctx, x)                      -> Selection of tokens to compute, or None (all tokens)
         restore(lctx, x_in, y_kept, sel)     -> full output of the unit (default: others keep their input)
-        after_layer(lctx, x_in, x_out)       (block granularity: once per block; branch: once per block too)
+        after_layer(lctx, x_in, x_out)       once per block
     after_logits(sctx, cond, uncond, guided) -> replacement guided logits, or None
     after_scale(sctx, state)
 
 Logits reach ``after_logits`` before any top-k/top-p filtering and are never edited in place by the sampler.
 ``lctx.head_logits(h)`` applies the backbone's head to any hidden state ("logit lens"); ``lctx.guide(logits)``
 turns such logits into (cond, uncond, guided) exactly as the sampler's input is formed (CFG, temperature).
+Methods never receive the backbone: ``sctx.spec`` and ``sctx.schedule`` describe it, ``sctx.preview`` decodes a
+state (the state object passed to ``after_scale`` is opaque to methods).
+
+A method declares, next to its code and in one format: its ``Config`` (a dataclass extending :class:`MethodConfig`;
+the Hydra schema of ``conf/method/<name>.yaml``), ``CITATION``, ``STATUS`` and ``FOOTNOTE`` (shown in tables),
+``NOOP`` (options under which it changes nothing; the contract suite checks bit-identity with ``method=none``),
+``FAMILIES`` (backbone families it supports), its token accounting (``self.claim`` / ``self.claim_skip``, checked
+against what the loop measured) and its run-level metrics (``aggregate``).
 """
 from __future__ import annotations
 
@@ -23,7 +31,17 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from varbench.backbones.base import BackboneSpec, ScaleInfo
 from varbench.tokens import Selection
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method config has. ``name`` labels the run/row (``nova_attn``); ``family`` picks the class."""
+
+    name: str = "none"
+    family: str = "none"
+    footnote: str | None = None   # table footnote for rows of this config (default: the class's FOOTNOTE)
 
 
 @dataclass
@@ -39,8 +57,15 @@ class ScaleCtx:
     hw: tuple[int, int]
     rows: int                 # batch rows in the transformer (2B with CFG)
     batch: int                # images B
-    backbone: Any
+    spec: BackboneSpec
+    schedule: tuple[ScaleInfo, ...] = ()
     rule_w: int = 0           # width for width-keyed method rules (= hw[1] except on custom schedules)
+    preview: Callable[[Any, int], torch.Tensor] | None = None   # (state, si) -> images [B,3,H,W] on scale si's grid
+
+    @property
+    def n(self) -> int:
+        """Tokens fed to the blocks at this scale."""
+        return self.schedule[self.si].n if self.schedule else self.hw[0] * self.hw[1]
 
 
 @dataclass
@@ -49,8 +74,10 @@ class LayerCtx:
     li: int
     branch: str | None = None          # None: the whole block is one unit
     kv_len: int = 0                    # keys already cached for this layer before this scale
+    kv_segments: tuple[int, ...] = ()  # keys each earlier scale added to this layer's cache (scale order)
     head_logits: Callable[[torch.Tensor], torch.Tensor] | None = None   # backbone head on any hidden state
     guide: Callable[[torch.Tensor], tuple] | None = None                # logits -> (cond, uncond, guided), as for sampling
+    attn_keys: float | None = None     # set by a sparse attention kernel: mean keys attended per query (FLOP count)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -59,15 +86,33 @@ class LayerCtx:
 
 
 class Method:
-    """Base class: a method that changes nothing. Subclasses set ``name``, ``CITATION`` and override hooks."""
+    """Base class: a method that changes nothing (``method=none``). Subclasses override hooks and class facts."""
 
-    name: ClassVar[str] = "none"
+    name: str = "none"         # the row name, from the config (nova_attn, fastvar_8b, ...)
+    Config: ClassVar[type] = MethodConfig
     CITATION: ClassVar[str] = ""
-    granularity: ClassVar[str] = "block"   # "block": select once per block; "branch": before each of sa/ca/ffn
+    STATUS: ClassVar[str] = "the backbone's own inference"
+    FOOTNOTE: ClassVar[str | None] = None
+    NOOP: ClassVar[dict] = {}                       # options under which the method changes nothing
+    FAMILIES: ClassVar[tuple[str, ...] | None] = None   # backbone families supported (None: all)
+    granularity: ClassVar[str] = "block"   # "block": select once per block; "branch": before each branch
     batch_rectangular: ClassVar[bool] = True  # False: decisions are per image (the runner then uses batch 1)
 
-    def reset(self, sctx: ScaleCtx | None = None) -> None:
-        """Called once per batch, before scale 0: clear per-image state."""
+    def __init__(self, cfg: MethodConfig | None = None):
+        self.cfg = cfg if cfg is not None else self.Config()
+        self.name = self.cfg.name
+        self.claims: dict[tuple[int, int], list[int]] = {}
+        self.claimed_skips: list[int] = []
+        self.reset()
+
+    # ---- called by the loop
+    def start(self) -> None:
+        """Before scale 0 of every batch: clear the token accounting, then the method's own state."""
+        self.claims, self.claimed_skips = {}, []
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear per-image state (called once per batch, before scale 0)."""
 
     def plan_scale(self, sctx: ScaleCtx) -> ScalePlan:
         return ScalePlan()
@@ -92,4 +137,22 @@ class Method:
 
     def summary(self) -> dict:
         """Fields added to each image's record (e.g. NOVA's activation scale)."""
+        return {}
+
+    # ---- token accounting, one format for every method (checked by tests/test_methods_contract.py)
+    def claim(self, lctx: LayerCtx, k: int) -> None:
+        """State that the current unit (scale, layer[, branch]) computes ``k`` tokens."""
+        self.claims.setdefault((lctx.si, lctx.li), []).append(int(k))
+
+    def claim_skip(self, sctx: ScaleCtx) -> None:
+        """State that scale ``sctx.si`` is skipped."""
+        self.claimed_skips.append(sctx.si)
+
+    # ---- run level
+    def footnote(self) -> str | None:
+        return self.cfg.footnote or self.FOOTNOTE
+
+    @classmethod
+    def aggregate(cls, summaries: list[dict]) -> dict[str, tuple[float, int]]:
+        """Run-level metrics from the per-image summaries: metric -> (value, n). Default: none."""
         return {}

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from varbench.attention import sdpa_attention
+from varbench.backbones.base import ScaleInfo
 from varbench.hooks import LayerCtx, Method, ScaleCtx
 from varbench.records import GenRecord, Stopwatch, peak_memory_bytes, reset_peak_memory
 
@@ -24,10 +25,13 @@ class GenOutput:
     method_summary: dict
 
 
-def _run_layer(backbone, method: Method, li: int, x, pos, cond, kv, scale, sctx: ScaleCtx, rec_tokens: list):
+def _run_layer(backbone, method: Method, li: int, x, pos, cond, kv, segs: list, scale, sctx: ScaleCtx,
+               rec_tokens: list, rec_keys: list):
     """One block: token selection and restoration per unit (the whole block, or each branch)."""
     units = [backbone.spec.branches] if method.granularity == "block" else [(b,) for b in backbone.spec.branches]
-    lctx = LayerCtx(sctx, li, kv_len=kv.length, head_logits=lambda h: backbone.head(h, cond),
+    kv_before = kv.length
+    lctx = LayerCtx(sctx, li, kv_len=kv_before, kv_segments=tuple(segs),
+                    head_logits=lambda h: backbone.head(h, cond, scale),
                     guide=lambda logits: backbone.guide(logits, cond, scale))
     attn_fn = method.attention(lctx) or sdpa_attention
     x_block_in, counts = x, []
@@ -41,9 +45,11 @@ def _run_layer(backbone, method: Method, li: int, x, pos, cond, kv, scale, sctx:
         x = xk if sel is None else method.restore(lctx, x, xk, sel)
         counts += [xk.shape[1]] * len(unit)
     lctx.branch = None
-    x = backbone.after_block(li, x, cond, sctx)
+    x = backbone.after_block(li, x, cond, scale)
     method.after_layer(lctx, x_block_in, x)
+    segs.append(kv.length - kv_before)
     rec_tokens.append(sum(counts) / len(counts))
+    rec_keys.append(lctx.attn_keys if lctx.attn_keys is not None else float(kv.length))
     return x
 
 
@@ -52,7 +58,7 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
              rng: torch.Generator | None = None) -> GenOutput:
     """Generate one batch of images (one per prompt). ``rng`` drives sampling (None: the global RNG)."""
     method = method or Method()
-    dev = backbone.device
+    dev, spec = backbone.device, backbone.spec
     rec = GenRecord(batch=len(prompts))
     reset_peak_memory(dev)
     total = Stopwatch(dev)
@@ -60,40 +66,47 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
         cond = backbone.condition(prompts)
         rec.text_len = backbone.text_lengths(cond)
         state = backbone.init_state(cond)
-        kvs = [backbone.new_kv_cache() for _ in range(backbone.spec.depth)]
+        kvs = [backbone.new_kv_cache() for _ in range(spec.depth)]
+        segs: list[list[int]] = [[] for _ in range(spec.depth)]
         scales = backbone.scales()
-        method.reset()
+        schedule = tuple(ScaleInfo.of(s) for s in scales)
+        method.start()
         watch = Stopwatch(dev)
-        for scale in scales:
-            sctx = ScaleCtx(scale.si, len(scales), (scale.h, scale.w), cond.rows, cond.batch, backbone,
-                            getattr(scale, "rule_w", 0) or scale.w)
-            rec.scale_hw.append((scale.h, scale.w))
+        for scale, info in zip(scales, schedule):
+            sctx = ScaleCtx(info.si, len(scales), (info.h, info.w), cond.rows, cond.batch, spec, schedule,
+                            info.rule_w, backbone.preview)
+            rec.scale_hw.append((info.h, info.w))
+            rec.scale_n.append(info.n)
             plan = method.plan_scale(sctx)
             if plan.skip:
                 rec.rows.append(0)
-                rec.skipped_scales.append(scale.si)
-                rec.tokens.append([0.0] * backbone.spec.depth)
+                rec.skipped_scales.append(info.si)
+                rec.tokens.append([0.0] * spec.depth)
                 rec.kv_len.append([kv.length for kv in kvs])
+                rec.attn_keys.append([0.0] * spec.depth)
+                for s in segs:
+                    s.append(0)
                 rec.scale_time_s.append(watch.lap())
                 continue
             if plan.cond_only and cond.rows > cond.batch:
                 cond = backbone.cond_only(cond)
                 for kv in kvs:
                     kv.keep_rows(cond.rows)
-                rec.cond_only_from = scale.si
+                rec.cond_only_from = info.si
                 sctx.rows = cond.rows
             rec.rows.append(cond.rows)
             x = backbone.scale_input(state, cond, scale)
-            pos = backbone.positions(scale)
-            tokens = []
-            for li in range(backbone.spec.depth):
-                x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], scale, sctx, tokens)
+            pos = backbone.positions(cond, scale)
+            tokens, keys = [], []
+            for li in range(spec.depth):
+                x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], segs[li], scale, sctx, tokens, keys)
             rec.tokens.append(tokens)
+            rec.attn_keys.append(keys)
             rec.kv_len.append([kv.length for kv in kvs])
-            logits = backbone.head(x, cond)
+            logits = backbone.head(x, cond, scale)
             l_cond, l_uncond, guided = backbone.guide(logits, cond, scale)
             replaced = method.after_logits(sctx, l_cond, l_uncond, guided)
-            codes = backbone.sample(guided if replaced is None else replaced, scale, rng)
+            codes = backbone.sample(guided if replaced is None else replaced, x, cond, scale, rng)
             state = backbone.update(state, codes, scale)
             method.after_scale(sctx, state)
             rec.scale_time_s.append(watch.lap())

@@ -1,4 +1,4 @@
-"""Per-batch generation records: wall time per scale (device-synchronised), tokens computed, peak memory."""
+"""Per-batch generation records: wall time per scale (device-synchronised), tokens computed, keys, peak memory."""
 from __future__ import annotations
 
 import resource
@@ -31,9 +31,11 @@ class GenRecord:
     """What the loop measured for one batch; ``per_image`` splits it into one dict per image."""
 
     scale_hw: list = field(default_factory=list)          # [(h, w)] per scale
+    scale_n: list = field(default_factory=list)           # tokens fed to the blocks per scale (h*w; HART s0: context)
     scale_time_s: list = field(default_factory=list)      # wall time per scale, device-synchronised
     tokens: list = field(default_factory=list)            # [scale][layer] tokens computed (mean over branches)
-    kv_len: list = field(default_factory=list)            # [scale][layer] keys attended by self-attention
+    kv_len: list = field(default_factory=list)            # [scale][layer] keys in the self-attention cache after it
+    attn_keys: list = field(default_factory=list)         # [scale][layer] keys attended per query (sparse kernels)
     rows: list = field(default_factory=list)              # transformer batch rows per scale (2B with CFG)
     text_len: list = field(default_factory=list)          # text tokens per image (cross-attention keys)
     skipped_scales: list = field(default_factory=list)

@@ -1,10 +1,13 @@
 """Token subsets of one scale: which tokens a (scale, layer[, branch]) computes, and how the rest come back."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from varbench.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,55 @@ def resize_grid(x_BLC: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int,
     kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     g = F.interpolate(g.float(), size=dst_hw, mode=mode, **kw).to(x_BLC.dtype)
     return g.reshape(B, C, -1).transpose(1, 2)
+
+
+def check_ratio(value, what: str) -> float:
+    """A pruning ratio: a number in [0, 1] (1 = the unit is bypassed); anything else is a one-line error."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number in [0, 1] (1 = bypass), got {value!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise UserError(f"{what} must be in [0, 1] (1 = bypass), got {value}")
+    return v
+
+
+def keep_count(n: int, ratio: float, r_max: float = 1.0, min_keep: int = 0) -> int:
+    """Tokens kept for a pruning ratio: clip to [0, r_max], K = N − floor(N·ratio) (FastVAR's rounding), >= min_keep."""
+    r = min(max(float(ratio), 0.0), r_max)
+    return min(n, max(n - math.floor(n * r), min_keep))
+
+
+class ResidualCache:
+    """Per-key residuals of one scale, restored on a later scale's grid (NOVA Eq. 16, FastVAR, SparseVAR).
+
+    ``put(key, residual_BLC, hw)`` stores (detached); ``restore(key, x_in_BLC, hw, mode)`` returns
+    ``x_in + resize(residual, hw)`` — or ``x_in`` unchanged when nothing is stored for ``key``.
+    """
+
+    def __init__(self):
+        self.data: dict = {}
+
+    def clear(self) -> None:
+        self.data.clear()
+
+    def __contains__(self, key) -> bool:
+        return key in self.data
+
+    def put(self, key, residual_BLC: torch.Tensor, hw: tuple[int, int]) -> None:
+        self.data[key] = (residual_BLC.detach(), tuple(hw))
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def resized(self, key, hw: tuple[int, int], mode: str, dtype=None) -> torch.Tensor | None:
+        hit = self.data.get(key)
+        if hit is None:
+            return None
+        res, src = hit
+        out = resize_grid(res, src, hw, mode)
+        return out if dtype is None else out.to(dtype)
+
+    def restore(self, key, x_in_BLC: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
+        r = self.resized(key, hw, mode, x_in_BLC.dtype)
+        return x_in_BLC if r is None else x_in_BLC + r

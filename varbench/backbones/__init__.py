@@ -1,0 +1,4 @@
+"""Backbone families: name -> "module:builder" (imported lazily). A new family is one line here."""
+BACKBONES = {
+    "infinity": "varbench.backbones.infinity.load:build_infinity",
+}

@@ -11,11 +11,24 @@ uint8 BGR), the bits our sampler draws with the fixture's seed, and the VAE enco
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from baselines.fastvar import FastVAR, FastVARConfig
+from baselines.skipvar import SkipVAR, features
+from varbench.backbones.infinity.backbone import InfinityBackbone, Sampling
+from varbench.backbones.infinity.model import InfinityTransformer
+from varbench.backbones.infinity.schedules import rope_cos_sin, rope_positions, schedule_from_official
+from varbench.backbones.infinity.vae import BSQVAE, load_vae_state_dict
+from varbench.entropy import bitwise_entropy
+from varbench.hooks import Method
+from varbench.io import to_uint8
+from varbench.loop import generate
 
 # README "Recommended tolerances for a re-implementation in fp32"
 TOL = {"logits_cfg": 1e-4, "logits_cond": 5e-5, "logits_uncond": 5e-5, "entropy": 1e-4, "image": 1e-4, "codes": 1e-4,
@@ -36,8 +49,6 @@ class Check:
 
 
 def _load_weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
     return {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
 
 
@@ -67,12 +78,6 @@ def _files(meta_path: Path) -> tuple[str, dict]:
 
 def build_from_meta(meta_path: Path):
     """(backbone, tensors, meta): an Infinity backbone built from the meta file, with the fixture's weights."""
-    from safetensors.torch import load_file
-
-    from varbench.backbones.infinity.backbone import InfinityBackbone, Sampling
-    from varbench.backbones.infinity.model import InfinityTransformer
-    from varbench.backbones.infinity.schedules import schedule_from_official
-    from varbench.backbones.infinity.vae import BSQVAE, load_vae_state_dict
 
     meta = json.loads(Path(meta_path).read_text())
     _, files = _files(Path(meta_path))
@@ -97,19 +102,17 @@ def build_from_meta(meta_path: Path):
     return bb, t, meta
 
 
-class Recorder:
+class Recorder(Method):
     """Wraps a method (or none): forwards every hook to it and records the logits handed to ``after_logits`` and
     the kept index sets, for comparison with a fixture. ``inner`` keeps the wrapped method's own state."""
 
-    def __init__(self, inner=None):
-        from varbench.hooks import Method
-
+    def __init__(self, inner: Method | None = None):
         self.inner = inner if inner is not None else Method()
-        self.name, self.granularity = self.inner.name, self.inner.granularity
-        self.reset()
+        self.granularity = self.inner.granularity
+        super().__init__(self.inner.cfg)
 
-    def reset(self, sctx=None):
-        self.inner.reset(sctx)
+    def start(self):
+        self.inner.start()
         self.logits, self.kept_sets = {}, {}
 
     def plan_scale(self, sctx):
@@ -143,11 +146,8 @@ class Recorder:
 
 def method_from_meta(meta: dict):
     """The method a fixture was made with: FastVAR (its schedule read from the meta file) or none."""
-    import re
-
     if "fastvar" not in json.dumps(meta.get("source", "")).lower():
         return None
-    from baselines.fastvar import FastVAR, FastVARConfig
 
     pr = meta["pruned"]
     ratios = {int(m.group(2)): v["ratio"] for k, v in pr.items() if (m := re.match(r"s\d+\((\d+)x(\d+)\)", k))}
@@ -158,11 +158,6 @@ def method_from_meta(meta: dict):
 
 @torch.no_grad()
 def check_infinity_fixture(meta_path: str | Path) -> list[Check]:
-    from varbench.backbones.infinity.schedules import rope_cos_sin, rope_positions
-    from varbench.entropy import bitwise_entropy
-    from varbench.harness.runner import to_uint8
-    from varbench.loop import generate
-
     meta_path = Path(meta_path)
     bb, t, meta = build_from_meta(meta_path)
     m, sched = bb.model, bb.schedule
@@ -234,7 +229,7 @@ def check_infinity_fixture(meta_path: str | Path) -> list[Check]:
                          TOL["rank_shift"]))
     for key in sorted(k for k in t if k.startswith("dbg_cache_b")):  # FastVAR's per-branch caches (cache scale)
         li, branch = int(key[len("dbg_cache_b"):][:2]), key.rsplit("_", 1)[-1]
-        got = getattr(rec.inner, "cache", {}).get((li, branch))
+        got = rec.inner.cache.get((li, branch)) if hasattr(rec.inner, "cache") else None
         out.append(Check(key, float("inf") if got is None else _diff(got[0], t[key]), TOL["codes"]))
     if "summed_codes" in t:
         out.append(Check("summed_codes", _diff(res.state.summed, t["summed_codes"]), TOL["codes"]))
@@ -280,12 +275,6 @@ def format_checks(checks: list[Check]) -> str:
 @torch.no_grad()
 def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
     """SkipVAR fixture: decision features/decisions on six code pairs, and three full generation traces."""
-    from safetensors.torch import load_file
-
-    from baselines.skipvar import SkipVAR, features
-    from varbench.harness.runner import to_uint8
-    from varbench.loop import generate
-
     meta_path = Path(meta_path)
     meta = json.loads(meta_path.read_text())
     bb, _, _ = build_from_meta(meta_path.parent.parent / "fastvar" / "meta.json")  # same weights (README)
@@ -299,7 +288,7 @@ def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
         small_new = F.interpolate(t[k + "summed_codes_s09"], size=(1, *bb.vae_hws[4]), mode="trilinear")
         out.append(Check(k + "small_codes", max(_diff(small_old, t[k + "small_codes_old"]),
                                                 _diff(small_new, t[k + "small_codes_new"])), TOL["codes"]))
-        old, new = bb.preview(t[k + "summed_codes_s08"], 4), bb.preview(t[k + "summed_codes_s09"], 4)
+        old, new = bb.preview_codes(t[k + "summed_codes_s08"], 4), bb.preview_codes(t[k + "summed_codes_s09"], 4)
         out.append(Check(k + "decoded", max(_diff(old, t[k + "decoded_old"]), _diff(new, t[k + "decoded_new"])), TOL["image"]))
         x = list(features(old, new))
         out.append(Check(k + "features", max(abs(x[0] - p["diff_hf"]), abs(x[1] - p["hf_ratio"])), tol_feat))

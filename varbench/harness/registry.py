@@ -1,34 +1,29 @@
-"""Names -> "module:attr", imported lazily. Adding a backbone family, a method or a metric is one line here.
+"""Names -> classes and functions, imported lazily, from the tables that sit next to what they name:
+
+  backbone families  ``varbench/backbones/__init__.py``  BACKBONES
+  methods            ``nova/__init__.py`` and ``baselines/__init__.py``  METHODS   (plus ``none``: the base class)
+  metrics            ``eval/__init__.py``  METRICS
 
 Unknown names fail with one line and a suggestion (``UserError``), before anything heavy is loaded.
+``register_configs()`` stores every method's ``Config`` dataclass as the Hydra schema ``method/_<family>``, so the
+yamls in ``conf/method/`` only override defaults (one source of truth for defaults and types).
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import fields
 
+from hydra.core.config_store import ConfigStore
+
+import baselines
+import eval as metrics_pkg
+import nova
+from varbench.backbones import BACKBONES
 from varbench.errors import UserError, did_you_mean
+from varbench.hooks import Method
 
-BACKBONES = {
-    "infinity": "varbench.backbones.infinity.load:build_infinity",
-}
-
-METHODS = {
-    "none": "varbench.hooks:Method",
-    "nova": "nova.method:Nova",
-    "fastvar": "baselines.fastvar:FastVAR",
-    "skipvar": "baselines.skipvar:SkipVAR",
-    "sparsevar": "baselines.sparsevar:SparseVAR",
-}
-
-
-METRICS = {
-    "geneval": "eval.geneval.scorer:run",
-    "dpg": "eval.dpg:run",
-    "mjhq": "eval.mjhq:run",
-    "hpsv2": "eval.hpsv2:run",
-    "imagereward": "eval.imagereward:run",
-    "shapes": "eval.shapes.scorer:run",
-}
+METHODS = {"none": "varbench.hooks:Method", **nova.METHODS, **baselines.METHODS}
+METRICS = metrics_pkg.METRICS
 
 
 def _load(table: dict, kind: str, name: str):
@@ -38,36 +33,42 @@ def _load(table: dict, kind: str, name: str):
     return getattr(importlib.import_module(mod), attr)
 
 
-def method_class(name: str):
-    return _load(METHODS, "method", name)
+def method_class(family: str) -> type[Method]:
+    return _load(METHODS, "method", family)
 
 
-def build_method(mcfg: dict):
-    """``mcfg``: the ``method`` config node as a dict; ``name`` picks the class, the other keys are its options."""
-    opts = {k: v for k, v in mcfg.items() if k not in ("name", "method")}
-    key = mcfg.get("method", mcfg["name"])  # ablation configs name their own row but reuse a class
-    cls = method_class(key)
-    m = _construct(cls, key, opts)
-    m.name = str(mcfg["name"])  # rows are named by the config (nova_attn, fastvar_8b, ...), not by the class
-    return m
-
-
-def _construct(cls, key: str, opts: dict):
-    if not opts:
-        return cls()
-    cfg_cls = getattr(cls, "Config", None)
-    if cfg_cls is None:
-        raise UserError(f"method {key!r} takes no options, got {sorted(opts)}")
+def build_method(mcfg: dict) -> Method:
+    """``mcfg``: the ``method`` config node as a dict; ``family`` picks the class (default: ``name``), the other
+    keys are the fields of its ``Config`` dataclass (validated there, one-line errors)."""
+    mcfg = dict(mcfg)
+    family = str(mcfg.get("family") or mcfg["name"])
+    cls = method_class(family)
+    known = {f.name for f in fields(cls.Config)}
+    unknown = sorted(set(mcfg) - known)
+    if unknown:
+        raise UserError(f"method {family!r} has no option {unknown[0]!r}{did_you_mean(unknown[0], known)}; "
+                        f"options: {', '.join(sorted(known - {'name', 'family', 'footnote'}))}")
+    mcfg.setdefault("family", family)
     try:
-        return cls(cfg_cls(**opts))
+        return cls(cls.Config(**mcfg))
     except TypeError as e:
-        raise UserError(f"bad options for method {key!r}: {e}") from None
+        raise UserError(f"bad options for method {family!r}: {e}") from None
 
 
 def metric_fn(name: str):
     return _load(METRICS, "metric", name)
 
 
+def backbone_builder(family: str):
+    return _load(BACKBONES, "backbone family", family)
+
+
 def build_backbone(model_cfg: dict, device: str, dtype: str):
-    family = model_cfg.get("family", "infinity")
-    return _load(BACKBONES, "backbone family", family)(model_cfg, device=device, dtype=dtype)
+    return backbone_builder(model_cfg.get("family", "infinity"))(model_cfg, device=device, dtype=dtype)
+
+
+def register_configs() -> None:
+    """Hydra schemas ``method/_<family>`` from each method's Config dataclass (idempotent)."""
+    cs = ConfigStore.instance()
+    for family in METHODS:
+        cs.store(group="method", name=f"_{family}", node=method_class(family).Config)

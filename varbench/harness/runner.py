@@ -207,7 +207,7 @@ def score_run(cfg: dict, run_dir: Path, backbone, method_name: str, ref_dir: Pat
         (run_dir / "metrics.json").write_text(json.dumps({k: {"value": v, "n": n} for k, (v, n) in metrics.items()}, indent=1))
         store.append_rows(root, [base | {"metric": k, "value": v, "n": n} for k, (v, n) in new.items() if v is not None])
 
-    save(run_metrics(recs, backbone, ref, run_dir / "images", ref_dir / "images" if ref_dir else None))
+    save(run_metrics(recs, backbone.spec, ref, run_dir / "images", ref_dir / "images" if ref_dir else None))
     plot_entropy_activation(list(recs.values()), run_dir / "entropy_activation.png",
                             f"{cfg['model']['name']} / {method_name} / {cfg['bench']['name']}")
     save(bench_metrics(cfg, run_dir, len(recs)))     # after speed/fidelity are stored: a scorer error loses nothing

@@ -80,7 +80,9 @@ class InfinityBackbone:
         self.forced_bits: list | None = None  # replay recorded bits instead of sampling (fixture checks)
         self.device, self.dtype = torch.device(device), dtype
         m = transformer
-        self.spec = BackboneSpec(name, m.depth, m.C, m.num_heads, "bitwise", m.d_bits, ("sa", "ca", "ffn"))
+        self.spec = BackboneSpec(name, m.depth, m.C, m.num_heads, "bitwise", m.d_bits, ("sa", "ca", "ffn"),
+                                 family="infinity", mlp_hidden=m.blocks[0].ffn.fc1.out_features, mlp_mats=2,
+                                 cross_attn=True)
         self._scales = schedule.scales
         self._cos_sin = rope_cos_sin(rope_positions(schedule), m.head_dim).to(self.device)
         f = 2 if patchify else 1
@@ -141,7 +143,7 @@ class InfinityBackbone:
             x = x.repeat(cond.rows // cond.batch, 1, 1)
         return x + m.lvl_embed.weight[scale.si]
 
-    def positions(self, scale) -> torch.Tensor:
+    def positions(self, cond: InfinityCond, scale) -> torch.Tensor:
         return self._cos_sin[:, None, None, scale.start:scale.start + scale.n]  # [2, 1, 1, n, c/2]
 
     def gather_positions(self, pos: torch.Tensor, sel) -> torch.Tensor:
@@ -162,7 +164,7 @@ class InfinityBackbone:
             return torch.cat((mixed, mixed), 0)
         return x
 
-    def head(self, h: torch.Tensor, cond: InfinityCond) -> torch.Tensor:
+    def head(self, h: torch.Tensor, cond: InfinityCond, scale=None) -> torch.Tensor:
         return self.model.logits(h, cond.sos[: h.shape[0]])
 
     def guide(self, logits: torch.Tensor, cond: InfinityCond, scale):
@@ -179,13 +181,16 @@ class InfinityBackbone:
             return lc, None, cfg * lcs + (1 - cfg) * lcs
         return lc, lu, lc.mul(1 / tau)
 
-    def preview(self, summed: torch.Tensor, si: int) -> torch.Tensor:
-        """Decode accumulated codes resized (trilinear, as the official code) to the VAE grid of scale ``si``."""
+    def preview(self, state: InfinityState, si: int) -> torch.Tensor:
+        """Decode the accumulated codes resized (trilinear, as the official code) to the VAE grid of scale ``si``."""
+        return self.preview_codes(state.summed, si)
+
+    def preview_codes(self, summed: torch.Tensor, si: int) -> torch.Tensor:
         z = F.interpolate(summed, size=(1, *self.vae_hws[si]), mode="trilinear").squeeze(2)
         with torch.autocast(self.device.type, enabled=False):
             return self.vae.decode(z.float())
 
-    def sample(self, logits, scale, rng):
+    def sample(self, logits, h, cond, scale, rng):
         if self.forced_bits is not None and scale.si < len(self.forced_bits):  # official ``gt_leak``
             return self.forced_bits[scale.si].to(self.device)
         return sample_bits(logits, self.sampling.top_k, self.sampling.top_p, rng)

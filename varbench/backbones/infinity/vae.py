@@ -190,16 +190,25 @@ class BSQVAE(nn.Module):
     def encode_raw(self, img_pm1: torch.Tensor) -> torch.Tensor:
         return self.encoder(img_pm1).float()
 
-    def encode_bits(self, img_pm1: torch.Tensor, vae_schedule: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode_bits(self, img_pm1: torch.Tensor, vae_schedule: list,
+                    straight_through: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Multi-scale BSQ (spec §7): per scale area-downsample the residual, quantise, trilinear-upsample,
-        subtract. Returns bits per scale [B, 1, h, w, cd] (uint8) and the summed quantised features [B, cd, 1, H, W]."""
+        subtract. Returns bits per scale [B, 1, h, w, cd] (uint8) and the summed quantised features [B, cd, 1, H, W].
+
+        ``straight_through=True`` (training, OURS: scripts/train_tiny.py) passes gradients through each scale's
+        quantiser as the identity (``z + (zhat - z).detach()``); the values are the same as without it."""
         h = self.encode_raw(img_pm1)[:, :, None]  # [B, cd, 1, H, W]
         full = tuple(h.shape[2:])
         residual, out, bits = h, torch.zeros_like(h), []
         for pt, ph, pw in vae_schedule:
             same = (pt, ph, pw) == full
             r = residual if same else F.interpolate(residual, size=(pt, ph, pw), mode="area")
-            q = bsq_quantize(r.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+            if straight_through:
+                z = F.normalize(r.permute(0, 2, 3, 4, 1), dim=-1)
+                zhat = torch.where(z > 0, 1.0, -1.0).to(z.dtype) / math.sqrt(z.shape[-1])
+                q = (z + (zhat - z).detach()).permute(0, 4, 1, 2, 3)
+            else:
+                q = bsq_quantize(r.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
             bits.append((q > 0).permute(0, 2, 3, 4, 1).to(torch.uint8))
             if not same:
                 q = F.interpolate(q, size=full, mode="trilinear")
