@@ -51,21 +51,6 @@ def batch(step: int, n: int, seed: int):
     return prompts, x
 
 
-def ste_multiscale(vae, img, hws):
-    """Multi-scale BSQ of the encoder output (as ``BSQVAE.encode_bits``) with straight-through gradients."""
-    h = vae.encode_raw(img)[:, :, None]
-    full = tuple(h.shape[2:])
-    residual, out = h, torch.zeros_like(h)
-    for hh, ww in hws:
-        r = residual if (1, hh, ww) == full else F.interpolate(residual, size=(1, hh, ww), mode="area")
-        z = F.normalize(r, dim=1)
-        q = z + ((torch.where(z > 0, 1.0, -1.0) / math.sqrt(z.shape[1])) - z).detach()
-        if (1, hh, ww) != full:
-            q = F.interpolate(q, size=full, mode="trilinear")
-        residual, out = residual - q, out + q
-    return out[:, :, 0]
-
-
 def teacher_inputs(bits: list[torch.Tensor], hws, cd: int):
     """(x_BLd_wo_prefix, targets [B, L, d]) from per-scale bits [B, 1, h, w, d], as the official training builds them."""
     from varbench.backbones.infinity.vae import bits_to_codes
@@ -91,9 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", type=Path, default=REPO / "conf/model/tiny.yaml")
     ap.add_argument("--out", type=Path, default=None, help="default: the config's package_weights folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--vae-steps", type=int, default=400)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--minutes", type=float, default=58.0,
@@ -114,12 +99,13 @@ def main(argv=None) -> int:
     sched = schedule_from_config(mcfg["schedule"])
     hws = list(sched.hws)
     tf, vae, text = seeded_modules(mcfg, "cpu")
+    vae_hws = [(1, h, w) for h, w in hws]
     cd = mcfg["vae"]["codebook_dim"]
     print(f"model {a.config.name}: transformer {sum(p.numel() for p in tf.parameters()) / 1e6:.2f}M, "
           f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
           f"T5 {sum(p.numel() for p in text.encoder.parameters()) / 1e6:.2f}M params; "
           f"{len(hws)} scales {hws[0]}..{hws[-1]}, {sched.total_tokens} tokens", flush=True)
-    log = {"vae": [], "transformer": []}
+    log = {"vae": [], "transformer": [], "ce_per_scale": []}
 
     # ---- stage 1: VAE
     vae.train()
@@ -127,7 +113,7 @@ def main(argv=None) -> int:
     lr_vae = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, a.vae_steps, 20))
     for step in range(a.vae_steps):
         _, x = batch(step, a.vae_batch, a.seed)
-        rec = vae.decoder(ste_multiscale(vae, x, hws))
+        rec = vae.decoder(vae.encode_bits(x, vae_hws, straight_through=True)[1][:, :, 0])
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
         opt.zero_grad()
         loss.backward()
@@ -139,6 +125,7 @@ def main(argv=None) -> int:
                   f"eta {el / (step + 1) * (a.vae_steps - step - 1):.0f}s)", flush=True)
             log["vae"].append((step, round(loss.item(), 5)))
     vae.eval().requires_grad_(False)
+    minutes_vae = round((time.time() - t0) / 60, 2)
 
     # ---- stage 2: transformer + text encoder
     text.encoder.train()
@@ -154,7 +141,7 @@ def main(argv=None) -> int:
     for step in range(a.steps):
         prompts, x = batch(10_000_000 + step, a.batch, a.seed)
         with torch.no_grad():
-            bits, _ = vae.encode_bits(x, [(1, h, w) for h, w in hws])
+            bits, _ = vae.encode_bits(x, vae_hws)
         kv, lens = text.encode(prompts)   # with gradients: the text encoder is trained too
         x_in, tgt = teacher_inputs(bits, hws, cd)
         drop = torch.rand(len(prompts), generator=g) < 0.1
@@ -174,9 +161,13 @@ def main(argv=None) -> int:
         if step % 50 == 0 or step == a.steps - 1:
             el = time.time() - t1
             last = ce[:, -sched.scales[-1].n:].mean().item()
+            # per scale: mean bitwise CE x d = nats per token, the teacher-forced estimate of H̄_t (NOVA Eq. 7)
+            per_scale = [round(v.mean().item() * cd, 4) for v in ce.detach().mean((0, 2)).split([sc.n for sc in sched.scales])]
             print(f"[transformer] step {step:5d}/{a.steps} loss {loss.item():.4f} (ema {ema:.4f}, last scale "
                   f"{last:.4f}) {time.time() - t0:.0f}s, eta {el / (step + 1) * (a.steps - step - 1):.0f}s", flush=True)
+            print(f"[transformer]   CE per scale (nats/token): {' '.join(f'{v:.2f}' for v in per_scale)}", flush=True)
             log["transformer"].append((step, round(loss.item(), 5), round(ema, 5), round(last, 5)))
+            log["ce_per_scale"].append((step, per_scale))
         if (time.time() - t1) / 60 > a.minutes:
             stopped = step
             print(f"[transformer] time budget of {a.minutes} min spent at step {step}: weights saved, but this run "
@@ -191,7 +182,7 @@ def main(argv=None) -> int:
     info = {"command": "python scripts/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "args": {k: str(v) for k, v in vars(a).items()}, "model_config": mcfg, "size": SIZE,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "stopped_early_at": stopped,
-            "minutes": round((time.time() - t0) / 60, 2), "loss": log}
+            "minutes": round((time.time() - t0) / 60, 2), "minutes_vae": minutes_vae, "loss": log}
     (out / "train_log.json").write_text(json.dumps(info, indent=1))
     print(f"saved to {out} after {(time.time() - t0) / 60:.1f} min", flush=True)
     return 0

@@ -85,6 +85,24 @@ def test_width_keyed_methods_act_on_the_custom_schedule(trained_tiny_cfg):
     assert tok[6, 0] == 64 and tok[6, 1] < 64 and tok[7, 1] < 100 and tok[5, 1] == 36
 
 
+def test_straight_through_bsq_has_the_inference_values_and_passes_gradients():
+    """BSQVAE.encode_bits(straight_through=True) (used by scripts/train_tiny.py) gives the same bits and features as
+    the inference path, and gradients reach the encoder (without it they are zero: d/dz (z + (zhat - z)) = 0)."""
+    from varbench.backbones.infinity.vae import BSQVAE
+
+    torch.manual_seed(0)
+    vae = BSQVAE(8, 32, (1, 2), 1, 4)
+    sched = [(1, h, h) for h in (1, 2, 3, 5, 8)]
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    b0, o0 = vae.encode_bits(x, sched)
+    b1, o1 = vae.encode_bits(x, sched, straight_through=True)
+    assert all(torch.equal(a, b) for a, b in zip(b0, b1)) and torch.equal(o0, o1)
+    w = next(vae.encoder.parameters())
+    g0, = torch.autograd.grad(vae.decoder(o0[:, :, 0]).square().mean(), [w], allow_unused=True)
+    g1, = torch.autograd.grad(vae.decoder(o1[:, :, 0]).square().mean(), [w])
+    assert (g0 is None or not g0.abs().sum()) and g1.abs().sum() > 0
+
+
 def test_shipped_weights_stay_within_the_size_budget():
     """MODEL_CARD.md states the budget: 10 MB for the three safetensors files."""
     from varbench.backbones.infinity.load import PACKAGE_WEIGHTS
