@@ -9,6 +9,9 @@ Reads the run's ``records.jsonl`` (NOVA records H̄_t of every image in its summ
 The "two-stage dynamic" is read as the paper states it: fast growth at early scales, then slow growth or
 fluctuation. Printed: mean g over scales 2..t_est (η, Eq. 9) against mean g after t_est, and the share of images
 for which Eq. 10 finds an inflection.
+Per image (issue 18): η (Eq. 9), t* (Eq. 10, recomputed with ``nova.method.detect_inflection`` from the recorded
+H̄_t), the mean growth up to t* and after it, and whether the late growth (mean g over t > t_est) stays below α·η;
+the distribution of t* over the images (Fig. 8 style) is the second panel of ``entropy_curve.png``.
 """
 from __future__ import annotations
 
@@ -25,8 +28,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--t-est", type=int, default=5)
+    ap.add_argument("--alpha", type=float, default=0.5)
     a = ap.parse_args(argv)
     import numpy as np
+
+    from nova.method import detect_inflection
 
     recs = [json.loads(ln) for ln in (a.run_dir / "records.jsonl").read_text().splitlines() if ln.strip()]
     sums = [r.get("method_summary") or {} for r in recs]
@@ -38,7 +44,12 @@ def main(argv=None) -> int:
     hw = recs[0]["scale_hw"]
     stars = [s.get("t_star") for s in sums if s.get("entropy_per_scale")]
     g = np.diff(H, axis=1)
+    tstar = [detect_inflection(list(h), a.t_est, a.alpha) for h in H]   # Eq. 10 on the recorded H̄ (as NOVA online)
     print(f"{n} images, {T} scales ({a.run_dir})")
+    if any(s is not None for s in stars) and stars != tstar:
+        print(f"note: the recorded t* differ from Eq. 10 (t_est={a.t_est}, α={a.alpha}) on the recorded H̄ for "
+              f"{sum(x != y for x, y in zip(stars, tstar))} images; the recomputed ones are shown")
+    stars = tstar
     print(f"{'t':>3} {'grid':>7} {'mean H':>8} {'p10':>7} {'p90':>7} {'mean g_t':>9} {'t*=t':>5}")
     for t in range(1, T + 1):
         gt = "" if t == 1 else f"{g[:, t - 2].mean():+9.4f}"
@@ -50,6 +61,20 @@ def main(argv=None) -> int:
     act = sum(s is not None for s in stars)
     print(f"mean growth g over t=2..{a.t_est}: {early:+.4f} nats/scale; over t={a.t_est + 1}..{T}: {late:+.4f}")
     print(f"Eq. 10 finds an inflection for {act}/{n} images ({100 * act / n:.0f} %); never: {n - act}")
+    # per image: η, t* (recomputed), growth before / after t*, late growth against α·η
+    eta = g[:, : a.t_est - 1].mean(1)
+    late_i = g[:, a.t_est - 1:].mean(1)
+    before = [g[i, : t - 1].mean() for i, t in enumerate(tstar) if t is not None]
+    after = [g[i, t - 1:].mean() for i, t in enumerate(tstar) if t is not None and t < T]
+    pos = eta > 0
+    two = pos & (late_i < a.alpha * eta)
+    print(f"η > 0 for {int(pos.sum())}/{n} images (median η {np.median(eta):+.4f}); late growth (t={a.t_est + 1}..{T}) "
+          f"< α·η (α={a.alpha}) for {int(two.sum())}/{n} ({100 * two.mean():.0f} %): the two-stage shape")
+    if before:
+        print(f"mean growth up to t* (t=2..t*): {np.mean(before):+.4f}; after t* (t=t*+1..{T}, {len(after)} images): "
+              f"{np.mean(after) if after else float('nan'):+.4f} nats/scale")
+    hist = {t: tstar.count(t) for t in range(a.t_est + 1, T + 1)}
+    print("t* distribution: " + ", ".join(f"{t}: {c}" for t, c in hist.items() if c) + f"; never: {tstar.count(None)}")
 
     import matplotlib
 
@@ -57,7 +82,7 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     x = np.arange(1, T + 1)
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.4, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
     ax.fill_between(x, H.min(0), H.max(0), color="C0", alpha=0.15, label="range over images")
     ax.plot(x, H.mean(0), color="C0", lw=2.2, label="mean")
     for k, i in enumerate(np.linspace(0, n - 1, 3).astype(int)):
@@ -65,6 +90,9 @@ def main(argv=None) -> int:
     ax.axvline(a.t_est, color="0.5", lw=0.8, ls=":")
     ax.set(xlabel="scale t", ylabel="H̄_t (nats)", title=f"Entropy per scale, {n} images")
     ax.legend(fontsize=7)
+    ts = list(range(a.t_est + 1, T + 1))
+    ax2.bar([str(t) for t in ts] + ["never"], [tstar.count(t) for t in ts] + [tstar.count(None)], color="C0")
+    ax2.set(xlabel="t* (Eq. 10)", ylabel="images", title=f"t*, t_est={a.t_est}, α={a.alpha}")
     fig.tight_layout()
     out = a.run_dir / "entropy_curve.png"
     fig.savefig(out, dpi=130)
