@@ -169,3 +169,13 @@ def test_scoring_resumes_from_the_cache(tmp_path):
     Image.new("RGB", (32, 32), (9, 9, 9)).save(d / "samples" / "0001.png")   # regenerated image: scored again
     score_folder(tmp_path / "img", det, None, [], cache=ScoreCache(tmp_path / "cache.jsonl", tmp_path / "img"))
     assert len(calls) == 3
+
+
+def test_mmdet_preprocess_pads_with_grey_128_before_normalising():
+    """mmdet's test pipeline: Resize -> Pad(size_divisor=32, pad_val img=128) -> Normalize."""
+    from eval.geneval.scorer import MEAN, STD, mmdet_preprocess
+
+    x, (h, w) = mmdet_preprocess(np.full((90, 150, 3), 200, np.uint8))
+    assert (h, w) == (800, 1333) and x.shape[-2:] == (800, 1344)
+    grey = (128 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.allclose(x[0, :, 10, -1], grey) and torch.allclose(x[0, :, 10, 5], (200 - torch.tensor(MEAN)) / torch.tensor(STD))

@@ -5,10 +5,12 @@ Detector backend ``hf``: transformers' ``Mask2FormerForUniversalSegmentation`` f
 (not transformers'): softmax over classes without the no-object column, top-``max_per_image`` (query, class) pairs,
 mask logits upsampled bilinearly to the padded input, cropped, upsampled to the image, binarised at 0, mask score =
 mean sigmoid inside the mask, score = class prob x mask score, box = tight box (right/bottom exclusive).
-Pre-processing as mmdet's test pipeline: keep-ratio resize to fit (1333, 800), ImageNet mean/std, pad to 32.
-The official GenEval detector is OpenMMLab's Mask2Former Swin-S checkpoint; its weights differ from the Meta
-weights on the HF hub (expect a few points per tag, more on counting). Loading the OpenMMLab file into this class
-needs a key-renaming map that is not written yet: until then rows from this scorer are "GenEval (HF detector)".
+Pre-processing as mmdet's test pipeline: keep-ratio resize to fit (1333, 800) (bilinear, rounded to uint8 like
+mmcv.imresize's cv2 output), pad to a multiple of 32 with grey 128 (pad_cfg), then ImageNet mean/std.
+Detector weights: ``detector: mmdet`` = the official GenEval checkpoint, OpenMMLab's
+mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth, loaded into the transformers class by the key map of
+``eval/geneval/mmdet_map.py``; ``detector: hf`` = Meta's weights from the HF hub (a different training run: rows are
+"GenEval (HF detector)", expect a few points per tag, more on counting).
 Colour: open_clip ViT-L-14 (openai weights, QuickGELU forced) zero-shot over 10 colours with GenEval's three templates, on the object
 composited over #999999 through its mask and cropped to its box.
 """
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eval.geneval.mmdet_map import load_mmdet_mask2former
 from eval.geneval.rules import COLORS, Det, Options, evaluate, keep_detections, summarize
 from eval.imagereward import openai_clip
 from varbench.errors import UserError
@@ -37,10 +40,10 @@ def mmdet_preprocess(img: np.ndarray, scale=(1333, 800), divisor: int = 32):
     f = min(max(scale) / max(H, W), min(scale) / min(H, W))
     h, w = int(H * f + 0.5), int(W * f + 0.5)
     x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255)
     hp, wp = -(-h // divisor) * divisor, -(-w // divisor) * divisor
-    return F.pad(x, (0, wp - w, 0, hp - h)), (h, w)
+    x = F.pad(x, (0, wp - w, 0, hp - h), value=128.0)          # mmdet Pad(size_divisor=32, pad_val img=128)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1), (h, w)
 
 
 def mmdet_instances(cls_logits: torch.Tensor, mask_logits: torch.Tensor, padded_hw, resized_hw, image_hw,
@@ -64,6 +67,9 @@ def mmdet_instances(cls_logits: torch.Tensor, mask_logits: torch.Tensor, padded_
 
 
 class HFMask2Former:
+    """transformers Mask2Former (HF folder, or ``model=`` e.g. from ``mmdet_map.load_mmdet_mask2former``) + mmdet's
+    pre/post-processing."""
+
     def __init__(self, path: str, device: str = "cpu", model=None):
         from transformers import Mask2FormerForUniversalSegmentation
 
@@ -157,13 +163,19 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     from varbench.weights import resolve_files, weights_dir
 
     g = bench.get("geneval") or {}
-    paths = resolve_files({k: dict(v) for k, v in g["files"].items()}, weights_dir(g.get("weights_dir")),
-                          "bench.geneval.weights_dir")
+    kind = g.get("detector", "mmdet")
+    if kind not in ("mmdet", "hf"):
+        raise UserError(f"bench.geneval.detector must be mmdet (official OpenMMLab weights) or hf, got {kind!r}")
+    files = {"detector": dict(g["files"]["detector_mmdet" if kind == "mmdet" else "detector"]),
+             "clip": dict(g["files"]["clip"])}
+    paths = resolve_files(files, weights_dir(g.get("weights_dir")), "bench.geneval.weights_dir")
     classnames = need("geneval", "object_names.txt", data_dir(bench.get("data_dir"))).read_text().split("\n")
     classnames = [c.strip() for c in classnames if c.strip()]
-    if g.get("detector", "hf") != "hf":
-        raise UserError(f"geneval.detector={g.get('detector')!r} is not available; use 'hf'")
-    det = HFMask2Former(str(paths["detector"]), device)
+    if kind == "mmdet":
+        det = HFMask2Former("", device, model=load_mmdet_mask2former(paths["detector"], device,
+                                                                     bool(g.get("trust_pickle", False))))
+    else:
+        det = HFMask2Former(str(paths["detector"]), device)
     color = ClipColor("ViT-L-14", str(paths["clip"]), device)
     opt = Options(**{k: g[k] for k in ("threshold", "counting_threshold", "max_objects", "max_overlap",
                                        "position_threshold") if k in g})
