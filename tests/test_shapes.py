@@ -74,6 +74,26 @@ def test_shapes_bench_runs_end_to_end(tmp_path):
     assert "shapes_overall" in m and 0.0 <= m["shapes_overall"]["value"] <= 1.0
 
 
+def test_scorer_reads_png_and_jpg_and_fails_in_one_line_without_images(tmp_path):
+    """The bench writes png (conf/bench/shapes.yaml); a folder of jpg is read too; no images is an error, not an
+    empty metric (the jpg default of the GenEval layout once left ShapesEval silently without a score)."""
+    from eval.shapes.scorer import run
+    from varbench.errors import UserError
+
+    metas = prompt_set(1, seed=2)[:2]
+    for k, (m, ext) in enumerate(zip(metas, ("png", "jpg"))):
+        (tmp_path / f"{k:05d}/samples").mkdir(parents=True)
+        (tmp_path / f"{k:05d}/metadata.jsonl").write_text(json.dumps(m) + "\n")
+        sample(m, 64, seed=k)[0].save(tmp_path / f"{k:05d}/samples/00000.{ext}", quality=100)
+    out = run({}, tmp_path, tmp_path)
+    assert out["shapes_overall"] == 1.0 and len((tmp_path / "shapes_results.jsonl").read_text().splitlines()) == 2
+    empty = tmp_path / "empty"
+    (empty / "00000/samples").mkdir(parents=True)
+    (empty / "00000/metadata.jsonl").write_text(json.dumps(metas[0]) + "\n")
+    with pytest.raises(UserError, match="found no images"):
+        run({}, empty, empty)
+
+
 @pytest.mark.parametrize("kind", ["pixels", "blobs", "blocks"])
 def test_noise_scores_near_zero(kind):
     """Speckle, smooth blobs and coloured blocks are not shapes: the detector's solidity rules keep noise near 0

@@ -27,6 +27,7 @@ import numpy as np
 
 from eval.geneval.rules import Det, Options, evaluate, keep_detections, summarize
 from eval.shapes.world import COLORS, SHAPES, Obj, render
+from varbench.errors import UserError
 
 
 def describe(mask: np.ndarray) -> np.ndarray:
@@ -125,8 +126,10 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     results = []
     for folder in sorted(p for p in Path(image_dir).iterdir() if p.is_dir() and p.name.isdigit()):
         meta = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
-        for f in sorted((folder / "samples").glob("*.png")):
+        for f in sorted(f for f in (folder / "samples").iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg")):
             ok, why = score_image(np.asarray(Image.open(f).convert("RGB")), meta)
             results.append({"filename": str(f), "tag": meta["tag"], "correct": ok, "reason": why})
+    if not results:
+        raise UserError(f"ShapesEval found no images (png/jpg in <prompt>/samples/) under {image_dir}")
     (out_dir / "shapes_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     return {f"shapes_{k}": v for k, v in summarize(results).items()}
