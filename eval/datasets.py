@@ -73,7 +73,7 @@ def load_rewrites(path) -> dict[str, str]:
         raise UserError(f"prompt-rewrite file {p} must be a JSON object mapping prompt strings to prompt strings")
     out = {}
     for k, v in data.items():
-        kv = dict((a, b.lstrip()) for a, b in re.findall(r"<(.+?):(.+?)>", v))
+        kv = {a: b.lstrip() for a, b in re.findall(r"<(.+?):(.+?)>", v)}
         out[k] = kv.get("prompt", v)
     return out
 

@@ -137,7 +137,7 @@ def test_missing_parent_after_a_zero_parent_does_not_raise_like_the_official_loo
     listed after a zero parent never raises."""
     from eval.dpg import MissingParent
 
-    orig, filt = tile_scores({1: "no", 3: "yes"}, {1: [0], 3: [1, 2]}, strict=True)
+    _, filt = tile_scores({1: "no", 3: "yes"}, {1: [0], 3: [1, 2]}, strict=True)
     assert filt == {1: 0.0, 3: 0.0}
     with pytest.raises(MissingParent):
         tile_scores({1: "yes", 3: "yes"}, {1: [0], 3: [1, 2]}, strict=True)

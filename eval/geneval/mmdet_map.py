@@ -143,7 +143,7 @@ def map_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     unknown: list[str] = []
     for k, v in sd.items():
         if _REL_INDEX.fullmatch(k):
-            wh = int(round((v.shape[0]) ** 0.5))
+            wh = round(v.shape[0] ** 0.5)
             if not torch.equal(v.long().cpu(), mmdet_relative_position_index(wh, wh)):
                 raise UserError(f"{k} is not the relative position index transformers computes for window {wh}")
             continue
