@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.shapes.world import prompt_set
 from varbench.errors import UserError
 
 SOURCES = {  # source -> file -> official URL (pinned commits, as in shared/specs/evaluation.md)
@@ -103,7 +104,6 @@ def _load_prompts(bench: dict) -> list[Prompt]:
         return [Prompt(i, p, f"{i:05d}") for i, p in enumerate(bench["prompts"])]
     src = bench.get("source")
     if src == "shapes":  # generated: no files
-        from eval.shapes.world import prompt_set
 
         metas = prompt_set(int(bench.get("n_per_tag", 20)), int(bench.get("prompt_seed", 0)))
         return [Prompt(i, m["prompt"], f"{i:05d}", m) for i, m in enumerate(metas)]

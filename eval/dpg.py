@@ -25,7 +25,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.cache import ScoreCache
+from eval.datasets import data_dir, need
 from varbench.errors import UserError
+from varbench.weights import resolve_files, weights_dir
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -195,9 +198,6 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
 
     from PIL import Image
 
-    from eval.datasets import data_dir, need
-    from varbench.weights import resolve_files, weights_dir
-
     d = bench.get("dpg") or {}
     quirks = bool(d.get("official_quirks", True))
     items = load_csv(need("dpg_bench", "dpg_bench.csv", data_dir(bench.get("data_dir"))), quirks)
@@ -206,7 +206,6 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     else:
         p = resolve_files({"vqa": dict(d["files"]["vqa"])}, weights_dir(d.get("weights_dir")), "bench.dpg.weights_dir")
         vqa = BlipVQA(str(p["vqa"]), device)
-    from eval.cache import ScoreCache
 
     cache = ScoreCache(out_dir / "dpg_cache.jsonl", image_dir)
     files = sorted(p for p in Path(image_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from eval.cache import ScoreCache
+from eval.datasets import data_dir, need
 from varbench.errors import UserError
+from varbench.weights import resolve_files, weights_dir
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -77,14 +80,10 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
 
     from PIL import Image
 
-    from eval.datasets import data_dir, need
-    from varbench.weights import resolve_files, weights_dir
-
     h = bench.get("hpsv2") or {}
     paths = resolve_files({k: dict(v) for k, v in h["files"].items()}, weights_dir(h.get("weights_dir")),
                           "bench.hpsv2.weights_dir")
     scorer = HPSv21(paths["checkpoint"], device, trust_pickle=bool(h.get("trust_pickle", False)))
-    from eval.cache import ScoreCache
 
     cache = ScoreCache(out_dir / "hpsv2_cache.jsonl", image_dir)
     root, out, every = data_dir(bench.get("data_dir")), {}, []

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from eval.cache import ScoreCache
+from eval.datasets import data_dir, need
 from varbench.errors import UserError
+from varbench.weights import resolve_files, weights_dir
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -182,9 +185,6 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
 
     from PIL import Image
 
-    from eval.datasets import data_dir, need
-    from varbench.weights import resolve_files, weights_dir
-
     c = bench.get("imagereward") or {}
     paths = resolve_files({k: dict(v) for k, v in c["files"].items()}, weights_dir(c.get("weights_dir")),
                           "bench.imagereward.weights_dir")
@@ -198,7 +198,6 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     scorer = ImageRewardScorer(model, ImageRewardScorer.blip_tokenizer(str(paths["tokenizer"])), device)
     items = json.loads(need("imagereward", "benchmark-prompts.json", data_dir(bench.get("data_dir"))).read_text())
     clip = OpenAIClipScore(pretrained=str(paths["clip"]), device=device)
-    from eval.cache import ScoreCache
 
     cache = ScoreCache(out_dir / "imagereward_cache.jsonl", image_dir)
     rewards, clips = [], []

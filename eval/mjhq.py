@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eval.datasets import data_dir, need
 from varbench.errors import UserError
+from varbench.weights import resolve_files, weights_dir
 
 # clean-fid's EXTENSIONS (fid.py) less .npy, compared case-insensitively
 IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -131,9 +133,6 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     import json
 
     from PIL import Image
-
-    from eval.datasets import data_dir, need
-    from varbench.weights import resolve_files, weights_dir
 
     m = bench.get("mjhq") or {}
     paths = resolve_files({k: dict(v) for k, v in m["files"].items()}, weights_dir(m.get("weights_dir")),

@@ -1,13 +1,16 @@
-"""Shared test helpers: locate ../shared (skip with a reason when absent) and build the tiny backbone once."""
+"""Shared test helpers: locate ../shared (skip with a reason when absent), compose configs, build tiny backbones."""
 from pathlib import Path
 
 import pytest
 import torch
 
+from varbench.harness.registry import register_configs
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 torch.set_num_threads(2)
+register_configs()
 
 
 def shared_path(*parts) -> Path:
@@ -15,6 +18,24 @@ def shared_path(*parts) -> Path:
     if not p.exists():
         pytest.skip(f"{p} is absent: golden fixtures live in ../shared beside the repo (present in CI)")
     return p
+
+
+def compose(*overrides: str) -> dict:
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(hcompose("config", overrides=list(overrides)), resolve=True)
+
+
+def compose_method(name: str) -> dict:
+    return compose(f"method={name}")["method"]
+
+
+def contract_models() -> list[str]:
+    """The seeded tiny backbones every method runs on (one per family that has one)."""
+    return [m for m in ("tiny_random", "hart_tiny_random") if (REPO / f"conf/model/{m}.yaml").exists()]
 
 
 @pytest.fixture(scope="session")

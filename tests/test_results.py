@@ -11,6 +11,7 @@ from conftest import REPO
 
 
 def test_flops_by_hand():
+    from varbench.backbones.base import BackboneSpec
     from varbench.flops import generation_flops
 
     C, hid, V = 4, 8, 2
@@ -18,7 +19,13 @@ def test_flops_by_hand():
            "batch": 1}
     # scale 0: K=1, Lk=1: 8C²+4·1·C+4C²+4·3·C+4C·hid = 128+16+64+48+128 = 384; head 1·2·C·V = 16 -> (384+16)·2 rows
     # scale 1: K=1 (of 2), Lk=2: 128+32+64+48+128 = 400; head 2·2·4·2 = 32 -> (400+32)·2
-    assert generation_flops(rec, C, hid, V) == (400 + 432) * 2
+    spec = BackboneSpec("t", 1, C, 1, "categorical", V, ("sa", "ca", "ffn"), mlp_hidden=hid)
+    assert generation_flops(rec, spec) == (400 + 432) * 2
+    # a sparse kernel's reported keys replace the cache length (scale 1 attends 1 key instead of 2: -4·C)
+    assert generation_flops(rec | {"attn_keys": [[1.0], [1.0]]}, spec) == (400 - 16 + 432) * 2
+    # SwiGLU FFN (3 matrices) and no cross-attention (HART): per token +2·C·hid, -(4C² + 4·T·C)
+    hart = BackboneSpec("h", 1, C, 1, "categorical", V, ("sa", "ffn"), mlp_hidden=hid, mlp_mats=3, cross_attn=False)
+    assert generation_flops(rec, hart) == (400 + 432 + 2 * (64 - 64 - 48)) * 2
 
 
 def test_fidelity_identical_and_different():
@@ -55,13 +62,14 @@ def _run(args, tmp_path):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_default_job_runs_nova_with_reference_and_prints_table(tmp_path):
     r = _run(["bench.limit=2", "progress=false"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "reference (method=none)" in r.stdout
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("| tiny")]
     assert [ln.split("|")[3].split()[0] for ln in table] == ["none", "nova"]
-    run_dir = tmp_path / "runs/tiny/smoke/nova/bench.limit=2"
+    run_dir = tmp_path / "runs/tiny/smoke/nova/default"     # bench.limit does not change images: same run
     m = json.loads((run_dir / "metrics.json").read_text())
     assert {"speedup", "flop_speedup", "psnr", "ssim", "latency_s", "activation_rate"} <= set(m)
     assert (run_dir / "entropy_activation.png").exists()
@@ -69,14 +77,16 @@ def test_default_job_runs_nova_with_reference_and_prints_table(tmp_path):
     assert "t_star" in rec["method_summary"] and "ratios" in rec["method_summary"]
 
 
+@pytest.mark.slow
 def test_multirun_none_and_nova(tmp_path):
     r = _run(["-m", "method=none,nova", "bench.limit=1", "progress=false"], tmp_path)
     assert r.returncode == 0, r.stderr
     for m in ("none", "nova"):
-        assert (tmp_path / f"runs/tiny/smoke/{m}/bench.limit=1/records.jsonl").exists()
-    assert r.stdout.count("| tiny | smoke | nova (bench.limit=1) |") == 1
+        assert (tmp_path / f"runs/tiny/smoke/{m}/default/records.jsonl").exists()
+    assert r.stdout.count("| tiny | smoke | nova |") == 1
 
 
+@pytest.mark.slow
 def test_bench_speed_prints_ratios_in_one_process():
     r = subprocess.run([sys.executable, "scripts/bench_speed.py", "--methods", "none,nova", "--prompts", "1",
                         "--repeats", "1", "--warmup", "0", "--set", "nova.t_star=6"],

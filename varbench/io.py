@@ -9,12 +9,14 @@
 """
 from __future__ import annotations
 
+import io as _io
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from PIL import Image
 
 from varbench.errors import UserError
 
@@ -92,16 +94,15 @@ def to_uint8(images_pm1: torch.Tensor) -> torch.Tensor:
     return ((images_pm1.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).mul(255).to(torch.uint8).cpu()
 
 
-def save_image(arr_HW3: torch.Tensor, path: Path, jpeg_quality: int = 95) -> None:
-    """PNG, or JPEG for a .jpg/.jpeg path (quality 95 = cv2's default, as the official scripts save); atomic."""
-    import io as _io
-
-    from PIL import Image
-
+def save_image(arr_HW3: torch.Tensor, path: Path, **pil_kwargs) -> None:
+    """Atomically save uint8 [H, W, 3]; ``pil_kwargs`` for ``PIL.Image.save`` (default: PNG, or JPEG quality 95 =
+    cv2's default, as the official scripts save, for a .jpg/.jpeg path)."""
     path = Path(path)
-    jpg = path.suffix.lower() in (".jpg", ".jpeg")
+    if not pil_kwargs:
+        jpg = path.suffix.lower() in (".jpg", ".jpeg")
+        pil_kwargs = {"format": "JPEG", "quality": 95} if jpg else {"format": "PNG"}
     buf = _io.BytesIO()
-    Image.fromarray(arr_HW3.numpy()).save(buf, format="JPEG" if jpg else "PNG", **({"quality": jpeg_quality} if jpg else {}))
+    Image.fromarray(arr_HW3.numpy()).save(buf, **pil_kwargs)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -111,8 +112,6 @@ def image_ok(path: Path) -> bool:
     if not path.exists():
         return False
     try:
-        from PIL import Image
-
         with Image.open(path) as im:
             im.load()
         return True

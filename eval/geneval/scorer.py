@@ -23,10 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eval.cache import ScoreCache
+from eval.datasets import data_dir, need
 from eval.geneval.mmdet_map import load_mmdet_mask2former
 from eval.geneval.rules import COLORS, Det, Options, evaluate, keep_detections, summarize
 from eval.imagereward import openai_clip
 from varbench.errors import UserError
+from varbench.weights import resolve_files, weights_dir
 
 PAPER_COLUMNS = {"two_object": "geneval_two_obj", "position": "geneval_position", "color_attr": "geneval_color_attr",
                  "overall": "geneval_overall", "single_object": "geneval_single_object",
@@ -159,8 +162,6 @@ def score_folder(image_dir: Path, detector, color, classnames: list[str], opt: O
 
 def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
     """The ``geneval`` metric of a bench config: resolve weights (one-line error if missing), score, summarise."""
-    from eval.datasets import data_dir, need
-    from varbench.weights import resolve_files, weights_dir
 
     g = bench.get("geneval") or {}
     kind = g.get("detector", "mmdet")
@@ -179,7 +180,6 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     color = ClipColor("ViT-L-14", str(paths["clip"]), device)
     opt = Options(**{k: g[k] for k in ("threshold", "counting_threshold", "max_objects", "max_overlap",
                                        "position_threshold") if k in g})
-    from eval.cache import ScoreCache
 
     cache = ScoreCache(out_dir / "geneval_cache.jsonl", image_dir)
     _, summary = score_folder(image_dir, det, color, classnames, opt, out_dir / "geneval_results.jsonl", cache)

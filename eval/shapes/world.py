@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eval.geneval.rules import Det, relative_position
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -165,8 +167,6 @@ def layout(meta: dict, size: int, rng: random.Random) -> list[Obj]:
         if any(_overlap(a, b, gap=2) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
             continue
         if "position" in inc[-1]:
-            from eval.geneval.rules import Det, relative_position
-
             rel = inc[-1]["position"][0]
             if rel not in relative_position(Det(boxes[-1], 1.0), Det(boxes[0], 1.0)):
                 continue

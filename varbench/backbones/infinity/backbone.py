@@ -66,7 +66,12 @@ def sample_bits(logits_BLV: torch.Tensor, top_k: int, top_p: float, rng) -> torc
         remove = srt.softmax(-1).cumsum(-1) <= (1 - top_p)
         remove[..., -1:] = False
         x = x.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
-    draws = torch.multinomial(x.softmax(-1).view(-1, 2), 1, replacement=True, generator=rng)
+    probs = x.softmax(-1)
+    if isinstance(rng, (list, tuple)):  # one generator per image: a batch draws what B single runs would draw
+        draws = torch.stack([torch.multinomial(probs[b].view(-1, 2), 1, replacement=True, generator=g)
+                             for b, g in enumerate(rng)])
+    else:
+        draws = torch.multinomial(probs.view(-1, 2), 1, replacement=True, generator=rng)
     return draws.view(B, L, V // 2).to(torch.uint8)
 
 

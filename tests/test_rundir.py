@@ -1,0 +1,110 @@
+"""Run directories: torn JSONL lines, identity checks on resume, one writer per shard, kill -9 in the middle."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from varbench.errors import UserError
+from varbench.harness.rundir import RunDir, Shard, identity, run_id
+from varbench.io import append_jsonl, read_jsonl
+
+
+def test_torn_last_line_loses_nothing(tmp_path):
+    p = tmp_path / "records.jsonl"
+    append_jsonl(p, [{"index": 0}])
+    with open(p, "a") as f:
+        f.write('{"index": 1, "prompt": "a re')          # a writer killed mid-line
+    append_jsonl(p, [{"index": 2}])
+    append_jsonl(p, [{"index": 3}])
+    assert [r["index"] for r in read_jsonl(p)] == [0, 2, 3]   # the old code glued index 2 onto the torn line
+
+
+def test_store_rows_survive_a_torn_line(tmp_path):
+    from eval import store
+
+    base = {"model": "m", "bench": "b", "method": "x", "overrides": "d", "run": "r", "n": 1}
+    store.append_rows(tmp_path, [base | {"metric": "a", "value": 1.0}])
+    with open(store.rows_path(tmp_path), "a") as f:
+        f.write('{"run": "r", "metric": "b", "val')
+    store.append_rows(tmp_path, [base | {"metric": "c", "value": 3.0}])
+    assert sorted(store.load(tmp_path)["metric"]) == ["a", "c"]
+
+
+def _ident(**kw):
+    cfg = {"model": {"name": "tiny"}, "method": {"name": "none"}, "bench": {"name": "smoke", "limit": 2}, "seed": 0,
+           "batch_size": 1, "stage": "all"} | kw
+    return identity(cfg, "cpu", "fp32", 1)
+
+
+def test_identity_ignores_what_does_not_change_images_and_catches_what_does():
+    assert run_id(_ident()) == run_id(_ident(stage="score", progress=False))
+    assert run_id(_ident()) == run_id(_ident(bench={"name": "smoke", "limit": 9}))
+    assert run_id(_ident()) != run_id(_ident(batch_size=2))
+    assert run_id(identity(_ident_cfg(), "cpu", "fp32", 1)) != run_id(identity(_ident_cfg(), "cpu", "fp32", 2))
+
+
+def _ident_cfg():
+    return {"model": {"name": "tiny"}, "method": {"name": "none"}, "bench": {"name": "smoke"}}
+
+
+def test_resuming_with_other_settings_stops_with_one_line(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.open(_ident(), {"git_sha": "a"})
+    rd.unlock()
+    with pytest.raises(UserError, match=r"was made with other settings \(batch_size: 1 -> 2\)"):
+        RunDir(tmp_path / "run").open(_ident(batch_size=2), {"git_sha": "a"})
+    meta = json.loads((tmp_path / "run/meta.json").read_text())
+    assert meta["identity"]["batch_size"] == 1        # nothing overwritten
+
+
+def test_a_second_writer_on_the_same_shard_is_refused(tmp_path):
+    a = RunDir(tmp_path / "run", Shard(0, 2))
+    a.open(_ident(), {})
+    with pytest.raises(UserError, match=r"is being written by pid \d+"):
+        RunDir(tmp_path / "run", Shard(0, 2)).open(_ident(), {})
+    RunDir(tmp_path / "run", Shard(1, 2)).open(_ident(), {})    # another shard is fine
+    a.unlock()
+    RunDir(tmp_path / "run", Shard(0, 2)).open(_ident(), {})    # released: fine again
+
+
+def _run(args, env_root, **kw):
+    env = dict(os.environ, VARBENCH_RESULTS=str(env_root))
+    return subprocess.Popen([sys.executable, "run.py", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_every_image_and_record_once(tmp_path):
+    """Kill -9 a run several times (one kill lands mid-way through records.jsonl's last line), then resume."""
+    args = ["model=tiny_random", "method=none", "bench=shapes", "bench.limit=6", "progress=false", "warmup=0",
+            "stage=generate"]
+    run_dir = tmp_path / "runs/tiny_random/shapes/none/default"
+    for delay in (4.0, 7.0):
+        p = _run(args, tmp_path)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    recs = run_dir / "records.jsonl"
+    if recs.exists():
+        with open(recs, "a") as f:                  # what a kill in the middle of a write leaves behind
+            f.write('{"index": 5, "prompt": "tor')
+    r = _run(args, tmp_path)
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    lines = [json.loads(x) for x in recs.read_text().splitlines() if x.startswith("{") and x.endswith("}")]
+    idx = [r["index"] for r in lines]
+    assert sorted(set(idx)) == list(range(6))
+    assert len(idx) == len(set(idx)), "an image was generated twice"
+    imgs = sorted((run_dir / "images").rglob("*.png"))
+    assert len(imgs) == 6
+    r = _run(["model=tiny_random", "method=none", "bench=shapes", "bench.limit=6", "progress=false", "stage=score"],
+             tmp_path)
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["latency_s"]["n"] == 6

@@ -1,0 +1,96 @@
+"""Command line: ``python run.py ...`` and the ``varbench`` console script (the same thing).
+
+    varbench model=<m> method=<x> bench=<b> [key=value ...]       one run
+    varbench -m method=none,nova,fastvar                          a Hydra multirun (sweeps, SLURM launchers)
+
+Before Hydra sees the command line, names and values are checked so that a mistake costs one line and exit code 2:
+unknown ``model=``/``method=``/``bench=``/``experiment=`` names (with a suggestion), values of the wrong type or out
+of range, and the composed config. Paths containing ``=`` (our own run folders) are quoted for Hydra's grammar.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from varbench.errors import UserError, did_you_mean
+from varbench.harness.registry import register_configs
+from varbench.harness.runner import run
+from varbench.harness.rundir import REPO
+
+CONF = REPO / "conf"
+GROUPS = ("model", "method", "bench", "experiment")
+PATH_KEYS = ("score_dir", "run_dir", "results_root", "model.weights_dir", "bench.data_dir")
+
+
+def _fail(msg: str) -> None:
+    print(f"varbench: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """``score_dir=a/b=c`` -> ``score_dir='a/b=c'`` (Hydra's override grammar reads an unquoted '=' as an error)."""
+    out = []
+    for a in args:
+        key, eq, val = a.partition("=")
+        if eq and key.lstrip("+~") in PATH_KEYS and "=" in val and not val.startswith(("'", '"')):
+            a = f"{key}='{val}'"
+        out.append(a)
+    return out
+
+
+def check_names(args: list[str]) -> None:
+    for a in args:
+        key, eq, val = a.partition("=")
+        group = key.lstrip("+~")
+        if not eq or group not in GROUPS:
+            continue
+        names = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        for v in re.split(r",", val.strip("'\"")):
+            v = v.strip()
+            if v and v not in names and not v.startswith(("glob(", "choice(", "range(")):
+                _fail(f"unknown {group} {v!r}{did_you_mean(v, names)}; known: {', '.join(names)}")
+
+
+def preflight(args: list[str]) -> None:
+    """Compose the config once (single runs) so type/merge errors become one line before Hydra starts."""
+    if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("-") for a in args):
+        return
+    try:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=args)
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf raise many kinds; we print their first useful line
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines[1:] if not ln.startswith(("full_key", "object_type", "reference_type"))), "")
+        first = lines[0] if lines else type(e).__name__
+        _fail(first + (f": {detail}" if detail and detail not in first else ""))
+
+
+@hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
+def _task(cfg: DictConfig):
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        return run(plain, list(HydraConfig.get().overrides.task))
+    except UserError as e:
+        _fail(str(e))
+    except PermissionError as e:
+        _fail(f"permission denied: {e.filename} (set results_root to a writable folder)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = quote_paths(list(sys.argv[1:] if argv is None else argv))
+    check_names(args)
+    register_configs()
+    preflight(args)
+    sys.argv = [sys.argv[0]] + args
+    _task()
+
+
+if __name__ == "__main__":
+    main()
