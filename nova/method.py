@@ -10,18 +10,29 @@ Implements, with the paper's 1-based scale index t = si + 1 and layer index j = 
   Eq. 14–16 pruned tokens: output = input + Interp(Cache_{t−1,j}); Cache_{t,j} = output − input (whole block)
 Defaults (paper §4.1): t_est=5, α=0.5, τ=0.8, λ=0.1. No official code is public.
 
-Where the paper is ambiguous we follow ``shared/specs/methods.md`` §2.3 and expose the alternatives:
+Where the paper is ambiguous we follow ``shared/specs/methods.md`` §2.3 and expose the alternatives (every option
+is a field of :class:`NovaConfig`; the README's "NOVA readings" table lists them):
   entropy         sum of the bits' binary entropies in nats (``entropy_reduction: sum|mean_bit``, ``log_base: e|2``)
-  entropy_branch  ``guided`` (CFG-mixed logits after temperature, before top-k/top-p; default) | ``cond``
-  g_t causality   Eq. 11 at scale t uses g_{t−1}, the newest growth rate known when scale t starts (§2.3 d)
-  H̄_{t,j}         mean logit-lens entropy of block j's *input* at scale t (``layer_entropy_source: input_lens``);
-                  the same map ranks the tokens (keep the highest-entropy ones)
-  CFG rows        one kept set for both rows from the guided lens map (``cfg_index_mode: shared|per_branch``)
-  caching         residuals recorded from scale t_est+1 on (t* is known only after scale t* ends); ``interp: area``
-  clipping        computed ratios clipped to [0, r_max]; ratio 1 bypasses the block (no compute, no K/V)
+  entropy_branch  ``guided`` (CFG-mixed logits after temperature, before top-k/top-p; default) | ``cond`` (the cond
+                  row's logits / sampling temperature; the layer lens then runs on the cond rows only)
+  g_t causality   Eq. 11 at scale t uses g_{t−g_lag}, ``g_lag: 1`` = the newest growth rate known when t starts
+  H̄_{t,j}         ``layer_entropy_source: input_lens`` (default: logit lens of block j's input at scale t; that map
+                  also ranks the tokens, highest entropy kept) | ``prev_scale_lens`` (lens of block j's output at
+                  t−1, resized to grid t, for H̄_{t,j} and the ranking) | ``prev_scale_final`` (H̄_{t,j} from the input
+                  lens, ranking by the previous scale's final Eq. 4 map, resized); ``first_layer_score`` picks block
+                  1's ranking alone (``input_lens|prev_scale_final``)
+  CFG rows        one kept set for both rows from the guided lens map (``cfg_index_mode: shared|per_branch``;
+                  per_branch ranks each row by its own logits / temperature)
+  caching         residuals recorded from scale min(t_est+1, t_star) on (t* is known only after scale t* ends, and
+                  scale t*+1 needs scale t*'s residuals); ``interp: area``; ``cache_dtype: native|fp32|bf16|fp16``
+  clipping        ``clip_scale_ratio: before_layer`` (default: Ratio_t clipped to [0, r_max] before Eq. 13, then
+                  r_{t,j} again) | ``after_layer_only`` (only r_{t,j}); ratio 1 bypasses the block (no compute, no K/V)
   η ≤ 0           ``eta_nonpositive: literal|activate_immediately|never``
+Not implemented (methods.md §2.3 lists them; see the README): ``entropy_branch: post_filter`` (a method sees the
+logits before the backbone's top-k/top-p filter, whose settings it is not given) and ``kv_for_pruned: from_restored``
+(a method cannot project K/V: the block's QKV weights are the backbone's).
 Ablations are configs of this class (``conf/method/nova_*.yaml``): ``scale_linkage``, ``layer_linkage``,
-``fixed_ratios`` (per grid side, Table 5), ``selection: entropy|mse`` (Table 4).
+``fixed_ratios`` (per grid side, Table 5), ``selection: entropy|mse|attn`` (Table 4).
 """
 from __future__ import annotations
 
@@ -83,9 +94,23 @@ def layer_ratio(r_t: float, layer_means: list[float], eps: float = 1e-8) -> floa
     return r_t - delta * r_t
 
 
+def clip_ratio(r: float, r_max: float = 1.0) -> float:
+    """§2.3 (g): a computed ratio is a fraction of tokens, clipped to [0, r_max]."""
+    return min(max(float(r), 0.0), r_max)
+
+
+def linked_layer_ratio(r_t: float, layer_means: list[float], r_max: float = 1.0,
+                       clip_scale_ratio: str = "before_layer") -> float:
+    """Eq. 13 with the clipping of issue 12: ``before_layer`` clips Ratio_t to [0, r_max] before Eq. 13 and
+    r_{t,j} after it; ``after_layer_only`` (the behaviour before issue 12) multiplies the unclipped Ratio_t."""
+    base = clip_ratio(r_t, r_max) if clip_scale_ratio == "before_layer" else r_t
+    return clip_ratio(layer_ratio(base, layer_means), r_max)
 
 
 # ------------------------------------------------------------------ the method
+CACHE_DTYPES = {"native": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class NovaConfig(MethodConfig):
     name: str = "nova"
@@ -94,8 +119,10 @@ class NovaConfig(MethodConfig):
     alpha: float = 0.5
     sigmoid_tau: float = 0.8          # NOVA's τ in Eq. 11 (not the sampling temperature)
     lam: float = 0.1                  # λ in Eq. 11
+    g_lag: int = 1                    # Eq. 11 at scale t uses g_{t-g_lag} (1: the newest known; 0 needs an extra pass)
     r_max: float = 1.0
     min_keep: int = 0
+    clip_scale_ratio: str = "before_layer"  # before_layer | after_layer_only (clip Ratio_t before Eq. 13, or not)
     scale_linkage: bool = True        # Eq. 11; False requires fixed_ratios
     layer_linkage: bool = True        # Eqs. 12-13
     fixed_ratios: dict | None = None  # {grid width: ratio}: Table 5's baseline schedules instead of Eq. 11
@@ -104,18 +131,25 @@ class NovaConfig(MethodConfig):
     entropy_branch: str = "guided"    # guided | cond
     entropy_reduction: str = "sum"    # sum | mean_bit
     log_base: str = "e"               # e | 2
+    layer_entropy_source: str = "input_lens"  # input_lens | prev_scale_lens | prev_scale_final
+    first_layer_score: str = "input_lens"     # input_lens | prev_scale_final (block 1's ranking)
     cfg_index_mode: str = "shared"    # shared | per_branch
     interp: str = "area"              # area | bilinear | bicubic | nearest
+    cache_dtype: str = "native"       # native (the residual stream's dtype) | fp32 | bf16 | fp16
     eta_nonpositive: str = "literal"  # literal | activate_immediately | never
     t_star: int | None = None         # fix the activation scale (1-based) instead of detecting it
     ratio_override: float | None = None  # force every (scale, layer) ratio at active scales (tests, sweeps)
     record_layer_entropy: bool = True
 
     def __post_init__(self):
-        choices = {"selection": ("entropy", "mse", "attn"), "ratio_one_means": ("bypass_blocks", "skip_scale"), "entropy_branch": ("guided", "cond"),
-                   "entropy_reduction": ("sum", "mean_bit"), "log_base": ("e", "2"),
-                   "cfg_index_mode": ("shared", "per_branch"), "interp": ("area", "bilinear", "bicubic", "nearest"),
-                   "eta_nonpositive": ("literal", "activate_immediately", "never")}
+        choices = {"selection": ("entropy", "mse", "attn"), "ratio_one_means": ("bypass_blocks", "skip_scale"),
+                   "entropy_branch": ("guided", "cond"), "entropy_reduction": ("sum", "mean_bit"),
+                   "log_base": ("e", "2"), "cfg_index_mode": ("shared", "per_branch"),
+                   "interp": ("area", "bilinear", "bicubic", "nearest"),
+                   "eta_nonpositive": ("literal", "activate_immediately", "never"),
+                   "clip_scale_ratio": ("before_layer", "after_layer_only"),
+                   "layer_entropy_source": ("input_lens", "prev_scale_lens", "prev_scale_final"),
+                   "first_layer_score": ("input_lens", "prev_scale_final"), "cache_dtype": tuple(CACHE_DTYPES)}
         for k, ok in choices.items():
             if str(getattr(self, k)) not in ok:
                 raise UserError(f"nova.{k} must be one of {ok}, got {getattr(self, k)!r}")
@@ -129,6 +163,10 @@ class NovaConfig(MethodConfig):
             raise UserError("nova.scale_linkage=false needs nova.fixed_ratios (a per-scale schedule)")
         if self.t_est < 2 or not 0 < self.alpha:
             raise UserError("nova.t_est must be >= 2 and nova.alpha > 0")
+        if not isinstance(self.g_lag, int) or self.g_lag < 1:
+            raise UserError(f"nova.g_lag must be an integer >= 1 (g_t needs scale t's own logits), got {self.g_lag!r}")
+        if self.t_star is not None and self.t_star < 1:
+            raise UserError(f"nova.t_star must be >= 1 (1-based scale index), got {self.t_star}")
 
 
 class Nova(Method):
@@ -145,10 +183,29 @@ class Nova(Method):
         self.cache = ResidualCache()             # li -> residual [rows, n, C] of block li at the last scale
         self.ratios: dict[int, list] = {}        # si -> [ratio per layer]
         self.layer_H: dict[int, list] = {}       # si -> [H̄_{t,j} per layer]
-        self._scale_base: float | None = None
+        self.scale_ratio_raw: dict[int, float] = {}  # si -> Ratio_t before any clipping (Eq. 11 or fixed)
+        self._scale_base: float | None = None    # Ratio_t of the current scale, unclipped
+        self._inv_tau = 1.0                      # 1 / the sampling temperature of the current scale
+        self.prev_lens: dict[int, tuple] = {}    # li -> (stat map, rank map, hw) of block li's output, last scale
+        self.prev_final: tuple | None = None     # (stat map, rank map, hw) of the last scale's Eq. 4 map
+        self.schedule_warning: str | None = None
         self.attn_map: torch.Tensor | None = None   # [rows, n]: attention mass each token of this scale received
-        self.attn_prev: tuple | None = None         # the last layer's map at the previous scale, (map, hw)
+        self.attn_prev: tuple | None = None         # block 1's map at the previous scale, (map, hw)
         self._sel: Selection | None = None
+
+    # -- a line when this configuration can never prune on a schedule (the runner may print it)
+    def check_schedule(self, schedule) -> str | None:
+        c, T = self.cfg, len(schedule)
+        if c.t_star is not None and c.t_star + 1 > T:
+            return (f"nova: t_star={c.t_star} leaves no scale to prune (pruning starts at scale t*+1 and the schedule "
+                    f"has {T} scales): NOVA runs as the baseline")
+        if c.t_star is None and c.t_est + 2 > T:
+            return (f"nova: t_est={c.t_est} with {T} scales: t* >= t_est+1 = {c.t_est + 1}, so pruning (from t*+1) "
+                    f"can never start: NOVA runs as the baseline")
+        if c.fixed_ratios and not any(c.fixed_ratios.get(getattr(s, "rule_w", 0), 0.0) > 0 for s in schedule):
+            return (f"nova: no grid width of the schedule has a positive fixed ratio in {c.fixed_ratios}: "
+                    f"NOVA runs as the baseline")
+        return None
 
     # -- entropy of a logits tensor in the configured unit
     def _entropy(self, logits: torch.Tensor, head_type: str, d: int) -> torch.Tensor:
@@ -160,45 +217,98 @@ class Nova(Method):
     def _maps(self, lc, lu, lg, spec) -> tuple[torch.Tensor, torch.Tensor]:
         """(statistics map [1, n], ranking map [1 or rows, n]) from (cond, uncond, guided) logits.
 
-        Statistics (H̄_t, H̄_{t,j}) use ``entropy_branch``: the guided logits, or the raw conditional ones.
-        ``cfg_index_mode: per_branch`` ranks each CFG row by its own raw branch entropy (FastVAR-like layout)."""
+        Statistics (H̄_t, H̄_{t,j}) use ``entropy_branch``: the guided logits, or the conditional ones at the
+        sampling temperature (cond/τ, as the guided ones are formed). ``cfg_index_mode: per_branch`` ranks each
+        CFG row by its own branch entropy at the sampling temperature (FastVAR-like layout)."""
         ent = lambda x: self._entropy(x, spec.head_type, spec.head_dim_out)  # noqa: E731
-        stat = ent(lc if self.cfg.entropy_branch == "cond" else lg)[:1]
+        stat = ent(lc.mul(self._inv_tau) if self.cfg.entropy_branch == "cond" else lg)[:1]
         if self.cfg.cfg_index_mode == "per_branch" and lu is not None:
-            return stat, torch.cat([ent(lc), ent(lu)], 0)
+            return stat, torch.cat([ent(lc.mul(self._inv_tau)), ent(lu.mul(self._inv_tau))], 0)
         return stat, stat
+
+    def _inverse_temperature(self, lctx: LayerCtx) -> float:
+        """1/τ of this scale, read off the backbone's own guide(): it returns cond/uncond raw and guided = the CFG mix
+        of cond/τ and uncond/τ, so guiding all-ones logits gives 1/τ whatever the CFG weight."""
+        sc = lctx.scale
+        probe = torch.ones(sc.rows, 1, sc.spec.head_out)
+        return float(lctx.guide(probe)[2].float().mean())
+
+    def _lens(self, lctx: LayerCtx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logit lens on a hidden state -> (stat map, rank map). ``entropy_branch: cond`` with a shared kept set
+        needs the cond rows only, so the uncond rows' lens is not computed."""
+        spec = lctx.scale.spec
+        if self.cfg.entropy_branch == "cond" and self.cfg.cfg_index_mode == "shared":
+            return self._maps(lctx.head_logits(x[: lctx.scale.batch]), None, None, spec)
+        return self._maps(*lctx.guide(lctx.head_logits(x)), spec)
+
+    def _resized(self, m: torch.Tensor, hw, dst_hw) -> torch.Tensor:
+        return m if tuple(hw) == tuple(dst_hw) else resize_grid(m[..., None], hw, dst_hw, self.cfg.interp)[..., 0]
+
+    def _layer_maps(self, lctx: LayerCtx, x: torch.Tensor):
+        """(H̄_{t,j} map, ranking map) of block j at scale t per ``layer_entropy_source`` / ``first_layer_score``."""
+        c, li, hw = self.cfg, lctx.li, lctx.scale.hw
+        if not (c.layer_linkage or c.selection == "entropy" or c.record_layer_entropy or li not in self.cache):
+            return None, None
+        if c.layer_entropy_source == "prev_scale_lens" and li in self.prev_lens:
+            stat, rank, src = self.prev_lens[li]
+            stat, rank = self._resized(stat, src, hw), self._resized(rank, src, hw)
+        else:
+            stat, rank = self._lens(lctx, x)
+        final_rank = c.layer_entropy_source == "prev_scale_final" or (li == 0 and c.first_layer_score == "prev_scale_final")
+        if final_rank and self.prev_final is not None:
+            _, frank, src = self.prev_final
+            rank = self._resized(frank, src, hw)
+        return stat, rank
 
     def _active(self, si: int) -> bool:
         return self.t_star is not None and si + 1 >= self.t_star + 1
+
+    def _records_cache(self, si: int) -> bool:
+        """Eq. 15 is recorded from scale min(t_est+1, t_star) on: speculatively while t* is unknown (it is known only
+        after scale t* ends), and at a fixed t_star <= t_est from scale t_star, whose residuals scale t*+1 needs."""
+        c = self.cfg
+        start = c.t_est + 1 if c.t_star is None else min(c.t_est + 1, c.t_star)
+        return si + 1 >= start
+
+    def _growth_for_ratio(self) -> float:
+        """g_{t-g_lag} at scale t: the g_lag-th newest growth rate known (0 before two scales are known)."""
+        lag, H = self.cfg.g_lag, self.H
+        return H[-lag] - H[-lag - 1] if len(H) >= lag + 1 else 0.0
 
     def _base_ratio(self, sctx: ScaleCtx) -> float:
         t, c = sctx.si + 1, self.cfg
         if c.fixed_ratios:
             return c.fixed_ratios.get(sctx.rule_w, 0.0)
-        g_prev = self.H[-1] - self.H[-2] if len(self.H) >= 2 else 0.0
-        return scale_ratio(t, self.t_star, g_prev, c.sigmoid_tau, c.lam)
+        return scale_ratio(t, self.t_star, self._growth_for_ratio(), c.sigmoid_tau, c.lam)
+
+    def _layer_ratio(self, si: int) -> float:
+        c = self.cfg
+        if c.ratio_override is not None:
+            return c.ratio_override
+        if c.layer_linkage:   # Eq. 13 on Ratio_t (clipped first by default), then clipped
+            return linked_layer_ratio(self._scale_base, self.layer_H[si], c.r_max, c.clip_scale_ratio)
+        return clip_ratio(self._scale_base, c.r_max)
+
+    def _keep(self, score: torch.Tensor, k: int) -> Selection:
+        """Keep the k highest-scoring tokens (highest entropy: pruning drops the lowest-entropy ones)."""
+        return Selection.top_k(score, k)
 
     # -- hooks
     def select(self, lctx: LayerCtx, x: torch.Tensor) -> Selection | None:
         si, li, c = lctx.si, lctx.li, self.cfg
+        if li == 0 and (c.entropy_branch == "cond" or c.cfg_index_mode == "per_branch"):
+            self._inv_tau = self._inverse_temperature(lctx)
         if not self._active(si):
             return None
-        spec = lctx.scale.spec
         if li == 0:
-            self._scale_base = self._base_ratio(lctx.scale)
+            raw = self._base_ratio(lctx.scale)
+            self.scale_ratio_raw[si] = self._scale_base = raw
             self.ratios[si], self.layer_H[si] = [], []
         n = x.shape[1]
-        need_lens = c.layer_linkage or c.selection == "entropy" or c.record_layer_entropy or li not in self.cache
-        stat, rank = self._maps(*lctx.guide(lctx.head_logits(x)), spec) if need_lens else (None, None)
+        stat, rank = self._layer_maps(lctx, x)
         if stat is not None:
             self.layer_H[si].append(stat.mean().item())
-        if c.ratio_override is not None:
-            r = c.ratio_override
-        elif c.layer_linkage:
-            r = layer_ratio(self._scale_base, self.layer_H[si])
-        else:
-            r = self._scale_base
-        r = min(max(r, 0.0), c.r_max)
+        r = self._layer_ratio(si)
         self.ratios[si].append(r)
         k = keep_count(n, r, c.r_max, c.min_keep)
         self.claim(lctx, min(k, n))
@@ -213,11 +323,11 @@ class Nova(Method):
             score = score.mean(0, keepdim=True) if c.cfg_index_mode == "shared" else score
         else:
             score = rank
-        self._sel = Selection.top_k(score, k)
+        self._sel = self._keep(score, k)
         return self._sel
 
     # -- NOVA w/ Attn (Table 4; our operational reading, methods.md §2.4): rank by the attention mass a token
-    #    received from the current scale's queries in block j-1 (block 1: the previous scale's last block, resized)
+    #    received from the current scale's queries in block j-1; block 1: block 1 at the previous scale, resized
     def _attn_score(self, lctx: LayerCtx, n: int) -> torch.Tensor:
         if lctx.li == 0 or self.attn_map is None:
             m, hw = self.attn_prev
@@ -225,7 +335,7 @@ class Nova(Method):
         return self.attn_map.mean(0, keepdim=True)
 
     def attention(self, lctx: LayerCtx):
-        if self.cfg.selection != "attn" or lctx.si + 1 < self.cfg.t_est + 1:
+        if self.cfg.selection != "attn" or not self._records_cache(lctx.si):
             return None
         if lctx.li == 0:
             self.attn_map = None
@@ -238,13 +348,15 @@ class Nova(Method):
                 self.attn_map = torch.zeros(mass.shape[0], n, device=mass.device)
             idx = (self._sel.keep_idx if self._sel is not None else torch.arange(n)[None]).to(mass.device)
             self.attn_map = self.attn_map.scatter(1, idx.expand(mass.shape[0], -1), mass[:, -kq:].float())
-            if lctx.li == lctx.scale.spec.depth - 1:
+            if lctx.li == 0:
                 self.attn_prev = (self.attn_map.clone(), lctx.scale.hw)
 
         return reference_attention(sink)
 
     def plan_scale(self, sctx: ScaleCtx):
         c = self.cfg
+        if sctx.si == 0 and sctx.schedule:
+            self.schedule_warning = self.check_schedule(sctx.schedule)
         skip = (c.ratio_one_means == "skip_scale" and bool(c.fixed_ratios) and self._active(sctx.si)
                 and c.fixed_ratios.get(sctx.rule_w, 0.0) >= 1.0)
         if skip:
@@ -259,12 +371,16 @@ class Nova(Method):
         return sel.scatter(y_kept, self._restore_base(lctx, x_in))
 
     def after_layer(self, lctx: LayerCtx, x_in, x_out) -> None:
-        if lctx.si + 1 >= self.cfg.t_est + 1:  # Eq. 15, recorded speculatively until t* is known
-            self.cache.put(lctx.li, x_out - x_in, lctx.scale.hw)
+        if self._records_cache(lctx.si):  # Eq. 15, recorded speculatively until t* is known
+            res, dtype = x_out - x_in, CACHE_DTYPES[self.cfg.cache_dtype]
+            self.cache.put(lctx.li, res if dtype is None else res.to(dtype), lctx.scale.hw)
+            if self.cfg.layer_entropy_source == "prev_scale_lens":
+                self.prev_lens[lctx.li] = (*self._lens(lctx, x_out), lctx.scale.hw)
 
     def after_logits(self, sctx: ScaleCtx, lc, lu, lg):
-        stat, _ = self._maps(lc, lu, lg, sctx.spec)
+        stat, rank = self._maps(lc, lu, lg, sctx.spec)
         self.H.append(stat.mean().item())
+        self.prev_final = (stat, rank, sctx.hw)
         if self.t_star is None:
             self.t_star = detect_inflection(self.H, self.cfg.t_est, self.cfg.alpha, self.cfg.eta_nonpositive)
         return None
@@ -275,15 +391,21 @@ class Nova(Method):
         return {"t_star": self.t_star, "activated": self.t_star is not None and self.t_star + 1 <= len(H),
                 "first_pruned_si": None if self.t_star is None else self.t_star,  # 0-based index of scale t*+1
                 "eta": eta, "entropy_per_scale": H, "growth": growth_rates(H),
+                "scale_ratio_raw": {str(k): v for k, v in self.scale_ratio_raw.items()},
                 "ratios": {str(k): v for k, v in self.ratios.items()},
-                "layer_entropy": {str(k): v for k, v in self.layer_H.items()}}
+                "layer_entropy": {str(k): v for k, v in self.layer_H.items()},
+                "schedule_warning": self.schedule_warning}
 
     @classmethod
     def aggregate(cls, summaries: list[dict]) -> dict[str, tuple[float, int]]:
-        """activation_rate (share of images where Eq. 10 fired in time to prune) and the mean t*."""
+        """activation_rate (share of images where Eq. 10 fired in time to prune), the mean t*, and
+        scale_ratio_clip_rate (share of pruned scales whose Ratio_t fell outside [0, 1] before clipping)."""
         out = {"activation_rate": (sum(bool(s.get("activated")) for s in summaries) / max(1, len(summaries)),
                                    len(summaries))}
         stars = [s["t_star"] for s in summaries if s.get("t_star") is not None]
         if stars:
             out["t_star_mean"] = (sum(stars) / len(stars), len(stars))
+        raw = [r for s in summaries for r in (s.get("scale_ratio_raw") or {}).values()]
+        if raw:
+            out["scale_ratio_clip_rate"] = (sum(not 0.0 <= r <= 1.0 for r in raw) / len(raw), len(raw))
         return out
