@@ -1,0 +1,158 @@
+"""HART backbone: fixture exactness, state-dict layout against the official manifests, one-line missing weights,
+the tiny seeded model, and the official sampling rules (stale last-scale CFG ratio, hard-coded top-k, guided
+distribution = what the sampler draws from)."""
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, shared_path
+from varbench.backbones.hart.check_config import compare_layout, layout, main as check_config_main, meta_modules
+from varbench.backbones.hart.load import TF_FIXED, TF_KEYS, config_mismatches
+from varbench.errors import MissingWeights
+from varbench.harness.registry import build_backbone
+from varbench.hooks import Method
+from varbench.loop import generate
+
+
+def _model_cfg(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(REPO / f"conf/model/{name}.yaml"), resolve=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_backbone(_model_cfg("hart_tiny_random"), "cpu", "fp32")
+
+
+def _gen(bb, prompts=("two green circles",), method=None, seed=0):
+    return generate(bb, list(prompts), method, torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- faithfulness
+def test_fixture_every_tensor_within_tolerance():
+    from varbench.harness.fixtures_hart import check_hart_fixture
+
+    checks = check_hart_fixture(shared_path("fixtures", "hart", "tiny_hart_meta.json"))
+    bad = [(c.name, c.max_abs_diff, c.tol) for c in checks if not c.ok]
+    assert not bad, bad
+    assert len(checks) >= 40
+
+
+@pytest.mark.parametrize("manifest,part", [("manifest_hart_0.7b_transformer_assumed.json", "transformer"),
+                                           ("manifest_hart_tokenizer_with_disc.json", "tokenizer")])
+def test_meta_device_state_dicts_equal_the_official_manifests(manifest, part):
+    man = json.loads(shared_path("fixtures", "hart", manifest).read_text())
+    m = _model_cfg("hart_0.7b")
+    tf, tok = meta_modules(m["arch"], m["vae"])
+    mod = tf if part == "transformer" else tok
+    ref = {k: tuple(v["shape"]) for k, v in man["keys"].items()}
+    ours = layout(mod)
+    assert compare_layout(ours, ref, manifest) == []
+    assert list(ours) == list(ref)                                   # order
+    assert {k: str(v.dtype).replace("torch.", "") for k, v in mod.state_dict().items()} == \
+        {k: v["dtype"] for k, v in man["keys"].items()}
+    if part == "transformer":
+        assert sum(p.numel() for p in tf.parameters()) == man["num_params"] == 729_665_664
+        assert sum(p.numel() for p in tf.diffloss.parameters()) == man["num_params_diffloss"]
+    else:
+        assert sum(p.numel() for p in tok.vae.parameters()) == man["num_params_vae"]
+        assert sum(p.numel() for p in tok.disc.parameters()) == man["num_params_disc"]
+
+
+def test_missing_weights_is_one_line_naming_every_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    cfg = _model_cfg("hart_0.7b")
+    cfg["weights_dir"] = str(tmp_path / "w")
+    with pytest.raises(MissingWeights) as e:
+        build_backbone(cfg, "cpu", "fp32")
+    msg = str(e.value)
+    assert "\n" not in msg
+    for name in ("llm", "tokenizer", "Qwen2-VL-1.5B-Instruct", "huggingface.co/mit-han-lab/hart-0.7b-1024px"):
+        assert name in msg
+
+
+def test_llm_folder_without_ema_weights_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = _model_cfg("hart_0.7b")
+    cfg["weights_dir"] = str(tmp_path)
+    for d in ("hart-0.7b-1024px/llm", "hart-0.7b-1024px/tokenizer", "Qwen2-VL-1.5B-Instruct"):
+        (tmp_path / d).mkdir(parents=True)
+    with pytest.raises(MissingWeights, match="llm/ema_model.bin.*tokenizer/model.safetensors"):
+        build_backbone(cfg, "cpu", "fp32")
+
+
+def test_config_check_names_a_differing_or_unsupported_value(tmp_path, capsys):
+    m = _model_cfg("hart_0.7b")
+    official = {k: m["arch"][v] for k, v in TF_KEYS.items()}
+    assert config_mismatches(m["arch"], official, TF_KEYS, TF_FIXED, "arch") == []
+    official.update(use_context_norm=False, attn_type="gpt2")
+    bad = config_mismatches(m["arch"], official, TF_KEYS, TF_FIXED, "arch")
+    assert any("use_context_norm" in b for b in bad) and any("attn_type" in b for b in bad)
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "llm" / "config.json").write_text(json.dumps(official))
+    (tmp_path / "tokenizer" / "config.json").write_text(json.dumps({"vocab_size": 4096, "z_channels": 32}))
+    assert check_config_main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "arch.use_context_norm: config says False, ours True" in out and "DIFFER" in out
+
+
+# ---------------------------------------------------------------- the tiny model and the loop
+def test_tiny_random_runs_deterministically_with_hart_shapes(tiny):
+    a, b = _gen(tiny, ("a", "two blue squares")), _gen(tiny, ("a", "two blue squares"))
+    assert torch.equal(a.images, b.images)
+    assert a.images.shape == (2, 3, 64, 64) and torch.isfinite(a.images).all()
+    assert a.record.scale_n[0] == 16 and a.record.scale_n[1:] == [p * p for p in tiny.model.patch_nums[1:]]
+    assert [i.shape[1] for i in a.state.idx] == [1] + [p * p for p in tiny.model.patch_nums[1:]]
+    assert not torch.equal(a.images[0], a.images[1])
+
+
+def test_guided_logits_use_the_stale_ratio_at_the_last_scale_and_scale0_samples_one_token(tiny):
+    seen = {}
+
+    class Spy(Method):
+        def after_logits(self, sctx, lc, lu, lg):
+            seen[sctx.si] = (lc.clone(), lu.clone(), lg.clone())
+
+    _gen(tiny, method=Spy())
+    S, cfg = len(tiny.scales()), tiny.sampling.cfg
+    assert seen[0][2].shape[1] == 1                                  # last context position only
+    for si, (lc, lu, lg) in seen.items():
+        t = cfg * min(si, S - 2) / (S - 1)                           # 12/13-style stale ratio at the last scale
+        assert torch.allclose(lg, (1 + t) * lc - t * lu, atol=1e-5), si
+    assert tiny.ratio(S - 1) == tiny.ratio(S - 2)
+
+
+def test_top_k_is_hard_coded_per_stage_and_ignores_nothing_else(tiny):
+    assert [tiny.top_k(si) for si in range(10)] == [600] * 7 + [300] * 3
+    x = torch.randn(1, 5, 1024)
+    f = tiny.filter_logits(x, 0)
+    assert (torch.isfinite(f).sum(-1) == 600).all() and torch.equal(f[torch.isfinite(f)], x[torch.isfinite(f)])
+
+
+def test_diffusion_noise_comes_from_the_generation_rng_by_default(tiny):
+    """Default ``rng``: the image depends on the generator only (not on torch's global RNG state)."""
+    torch.manual_seed(1)
+    a = _gen(tiny)
+    torch.manual_seed(2)
+    b = _gen(tiny)
+    assert torch.equal(a.images, b.images)
+
+
+def test_fastvar_hart_config_prunes_48_and_64_in_every_block_with_the_36_cache(tiny):
+    from conftest import compose_method
+    from varbench.harness.registry import build_method
+
+    cfg = compose_method("fastvar_hart")
+    m = build_method(cfg)
+    out = _gen(tiny, method=m)
+    rw = [s.rule_w for s in tiny.scales()]
+    for si, w in enumerate(rw):
+        n = out.record.scale_n[si]
+        want = {48: n - int(n * 0.5), 64: n - int(n * 0.75)}.get(w, n)
+        assert out.record.tokens[si] == [float(want)] * tiny.spec.depth, (si, w)
+    assert out.record.skipped_scales == []
+    assert {k[0] for k in m.cache.data} == set(range(tiny.spec.depth))

@@ -1,0 +1,196 @@
+"""Build a HART backbone from a model config: official folders (local / HF hub cache) or seeded tiny weights.
+
+Official layout (mit-han-lab/hart-0.7b-1024px): ``llm/`` (config.json, ``ema_model.bin``: the official scripts load
+it over the base weights with ``use_ema=True``) and ``tokenizer/`` (config.json + weights of
+HARTAutoEncoderWithDisc: ``vae.*`` and ``disc.*``); text encoder mit-han-lab/Qwen2-VL-1.5B-Instruct.
+Lookup: ``<weights_dir>/<weights_subdir>/{llm,tokenizer}`` and ``<weights_dir>/Qwen2-VL-1.5B-Instruct``, then the
+Hugging Face hub cache; everything missing is reported in one line (``MissingWeights``) before anything heavy is
+loaded. State dicts load strictly (keys and shapes). When ``llm/config.json`` is present, the architecture values of
+the model config are compared with it first (``config_mismatches``): the 0.7B values here were assumed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from varbench.backbones.hart.backbone import HARTBackbone, HARTSampling
+from varbench.backbones.hart.model import HARTTransformer
+from varbench.backbones.hart.text import QwenTextEncoder, TinyTextEncoder
+from varbench.backbones.hart.vae import VQVAE, TokenizerWithDisc
+from varbench.errors import MissingWeights, UserError
+from varbench.weights import find_file, weights_dir
+
+# HF config.json key -> our arch key (transformer); values that must hold for the branch we implement
+TF_KEYS = {"depth": "depth", "embed_dim": "embed_dim", "num_heads": "num_heads", "mlp_ratio": "mlp_ratio",
+           "norm_eps": "norm_eps", "attn_l2_norm": "attn_l2_norm", "use_context_norm": "use_context_norm",
+           "context_token": "context_token", "context_dim": "context_dim", "patch_nums": "patch_nums",
+           "diff_width": "diff_width", "diff_depth": "diff_depth", "num_sampling_steps": "num_sampling_steps"}
+TF_FIXED = {"attn_type": "llama", "mlp_type": "llama", "disable_aln": True, "shared_aln": False,
+            "use_cross_attn": False, "use_timestep_embed": False, "sampler": "iddpm", "diffusion_head_repeats": 1}
+VAE_KEYS = {"vocab_size": "vocab_size", "z_channels": "z_channels", "ch": "ch", "ch_mult": "ch_mult",
+            "quant_resi": "quant_resi", "share_quant_resi": "share_quant_resi"}
+VAE_FIXED = {"quantizer_type": "var_hybrid", "double_decoder": False, "quant_conv_ks": 3}
+
+
+def _norm(v):
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else (str(v) if isinstance(v, str) else v)
+
+
+def config_mismatches(ours: dict, official: dict, keys: dict, fixed: dict, prefix: str) -> list[str]:
+    """Differences between our arch values and an official config.json (and unsupported official values)."""
+    out = []
+    for ok, key in keys.items():
+        if ok in official and _norm(official[ok]) != _norm(ours.get(key)):
+            if isinstance(official[ok], float) and isinstance(ours.get(key), (int, float)) and \
+                    math.isclose(official[ok], ours[key]):
+                continue
+            out.append(f"{prefix}.{key}: config says {official[ok]!r}, ours {ours.get(key)!r}")
+    for ok, want in fixed.items():
+        if ok in official and official[ok] != want:
+            out.append(f"{prefix}: {ok}={official[ok]!r} is not implemented (only {want!r})")
+    return out
+
+
+def arch_from_official(tf: dict, tok: dict) -> tuple[dict, dict]:
+    """Our (arch, vae) config from official transformer / tokenizer config.json dicts (the fixture's meta)."""
+    bad = config_mismatches({}, tf, {}, TF_FIXED, "arch") + config_mismatches({}, tok, {}, VAE_FIXED, "vae")
+    if bad:
+        raise UserError("unsupported HART config: " + "; ".join(bad))
+    arch = {ours: tf[k] for k, ours in TF_KEYS.items() if k in tf}
+    vae = {ours: tok[k] for k, ours in VAE_KEYS.items() if k in tok}
+    return arch, vae
+
+
+def new_modules(arch: dict, vae_cfg: dict) -> tuple[HARTTransformer, VQVAE]:
+    a, v = arch, vae_cfg
+    vae = VQVAE(v["vocab_size"], v["z_channels"], v["ch"], tuple(v["ch_mult"]), len(a["patch_nums"]),
+                v.get("quant_resi", 0.5), v.get("share_quant_resi", 4))
+    tf = HARTTransformer(depth=a["depth"], embed_dim=a["embed_dim"], num_heads=a["num_heads"], vocab_size=v["vocab_size"],
+                         Cvae=v["z_channels"], patch_nums=a["patch_nums"], context_token=a["context_token"],
+                         context_dim=a["context_dim"], mlp_ratio=a.get("mlp_ratio", 4.0), norm_eps=a.get("norm_eps", 1e-6),
+                         attn_l2_norm=a.get("attn_l2_norm", True), use_context_norm=a.get("use_context_norm", True),
+                         diff_width=a["diff_width"], diff_depth=a["diff_depth"],
+                         num_sampling_steps=str(a.get("num_sampling_steps", "8")))
+    return tf, vae
+
+
+@torch.no_grad()
+def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Deterministic weights: N(0, 1/fan_in) matrices, norm weights ≈ 1, small biases, HART's special tensors sane."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "scale_mul_1H11":
+            p.copy_(math.log(4.0) + 0.3 * torch.randn(p.shape, generator=g))
+        elif p.ndim == 1 and leaf == "weight":   # RMSNorm / LayerNorm / GroupNorm weights
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        elif p.ndim == 1:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        elif name.endswith("embedding.weight"):
+            p.copy_(torch.randn(p.shape, generator=g))
+        else:
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    return module
+
+
+def read_state_dict(path: Path, trust_pickle: bool = False) -> dict:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"could not read {path} with weights_only=True ({type(e).__name__}); if you trust the "
+                            f"file, set model.trust_pickle=true") from None
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise UserError(f"{what} does not match the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+                        f"shape differs {shapes[:4]} -- check the model config against its config.json "
+                        f"(python -m varbench.backbones.hart.check_config)")
+    module.load_state_dict(sd, strict=True)
+
+
+def _weights_file(folder: Path, names: list[str]) -> Path | None:
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    return None
+
+
+def resolve(mcfg) -> dict[str, Path]:
+    """role -> path for the llm folder's weights + config, the tokenizer weights and the text encoder folder."""
+    files = {k: dict(f) for k, f in mcfg["files"].items()}
+    wdir = weights_dir(mcfg.get("weights_dir"))
+    sub = wdir / mcfg["weights_subdir"] if mcfg.get("weights_subdir") else wdir
+    found, missing = {}, []
+    for role, f in files.items():
+        where = sub if role in ("transformer", "tokenizer") else wdir
+        p = find_file(f["file"], where, f.get("hf_repo"), bool(f.get("snapshot")))
+        if p is None:
+            missing.append((f["file"], f"{where}" + (f" and the HF cache of {f['hf_repo']}" if f.get("hf_repo") else ""),
+                            f.get("url", f.get("hf_repo", "?"))))
+        else:
+            found[role] = p
+    inner = {"transformer": ["ema_model.bin"] if mcfg.get("use_ema", True) else
+             ["model.safetensors", "pytorch_model.bin"],
+             "tokenizer": ["model.safetensors", "pytorch_model.bin"]}
+    for role, names in inner.items():
+        if role in found:
+            w = _weights_file(found[role], names)
+            if w is None:
+                missing.append((f"{files[role]['file']}/{names[0]}", str(found[role]), files[role].get("url", "?")))
+            else:
+                found[role + "_weights"] = w
+    if missing:
+        raise MissingWeights(missing)
+    return found
+
+
+def check_official_configs(mcfg, paths: dict) -> list[str]:
+    out = []
+    for role, keys, fixed, pre in (("transformer", TF_KEYS, TF_FIXED, "arch"), ("tokenizer", VAE_KEYS, VAE_FIXED, "vae")):
+        cj = Path(paths[role]) / "config.json"
+        if cj.is_file():
+            out += config_mismatches(dict(mcfg[pre]), json.loads(cj.read_text()), keys, fixed, pre)
+    return out
+
+
+def build_hart(mcfg, device="cpu", dtype="fp32") -> HARTBackbone:
+    """``mcfg``: a model config node (``conf/model/hart_0.7b.yaml``, ``hart_tiny_random.yaml``)."""
+    arch, vcfg = dict(mcfg["arch"]), dict(mcfg["vae"])
+    tcfg = dict(mcfg.get("text") or {})
+    if mcfg.get("files"):
+        paths = resolve(mcfg)
+        bad = check_official_configs(mcfg, paths)
+        if bad:
+            raise UserError("model config differs from the official config.json: " + "; ".join(bad))
+        tf, vae = new_modules(arch, vcfg)
+        load_strict(tf, read_state_dict(paths["transformer_weights"], bool(mcfg.get("trust_pickle", False))),
+                    str(paths["transformer_weights"]))
+        tok = TokenizerWithDisc(vae)
+        load_strict(tok, read_state_dict(paths["tokenizer_weights"], bool(mcfg.get("trust_pickle", False))),
+                    str(paths["tokenizer_weights"]))
+        text = QwenTextEncoder(str(paths["text_encoder"]), arch["context_token"], tcfg.get("system_prompt"), device)
+    else:
+        tf, vae = new_modules(arch, vcfg)
+        seed = int(mcfg.get("seed", 0))
+        seeded_init_(tf, seed)
+        seeded_init_(vae, seed + 1)
+        text = TinyTextEncoder(arch["context_dim"], arch["context_token"], seed + 2, device)
+    tf.to(device).eval()
+    vae.to(device).eval()
+    smp = HARTSampling(**dict(mcfg.get("sampling") or {}))
+    return HARTBackbone(tf, vae, text, smp, mcfg.get("rule_widths"), device, dtype, mcfg.get("name", "hart"))

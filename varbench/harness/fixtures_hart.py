@@ -1,0 +1,133 @@
+"""HART golden-fixture check: rebuild HART from ``tiny_hart_meta.json`` alone and compare with the official run.
+
+Fixture format: ``shared/fixtures/hart/README.md`` (official mit-han-lab/hart @e28a41fe classes on CPU, fp32).
+The official run called ``torch.manual_seed(123)`` just before ``autoregressive_infer_cfg``; nothing in it draws
+from torch's global RNG before the diffusion head, so the diffusion noise is regenerated exactly from that seed
+(checked: ``diff_init_noise_half``). Compared:
+
+1. replay (recorded indices forced, global-RNG diffusion noise): raw cond/uncond head logits of every fed token at
+   every scale (scale 0: all context positions), the diffusion condition ``z``, the CFG scale of the diffusion,
+   every diffusion step (input, timestep, output), the scaled residual, ``f_hat`` and the image;
+2. teacher forcing of each diffusion step: our ``p_sample`` on the recorded step input, timestep and ``z`` with
+   the regenerated noise gives the recorded step output;
+3. free sampling with the fixture's ``g_seed``: our sampler draws the recorded indices, and the same image;
+4. the effective top-k per stage (hard-coded 600/300).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from varbench.backbones.hart.backbone import HARTBackbone, HARTSampling
+from varbench.backbones.hart.load import arch_from_official, new_modules
+from varbench.harness.fixtures import TOL, Check, Recorder, _diff
+from varbench.loop import generate
+
+
+class FixedContext:
+    """A 'text encoder' returning the fixture's context, mask and position ids."""
+
+    def __init__(self, ctx, mask, pos):
+        self.out = (ctx, mask, pos)
+
+    def __call__(self, prompts):
+        return self.out
+
+
+def _weights(path: Path) -> dict:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+
+
+def build_from_meta(meta_path: str | Path):
+    """(backbone, tensors, meta) with the fixture's weights loaded strictly."""
+    meta_path = Path(meta_path)
+    meta = json.loads(meta_path.read_text())
+    d = meta_path.parent
+    arch, vcfg = arch_from_official(meta["transformer_config"], meta["tokenizer_config"])
+    tf, vae = new_modules(arch, vcfg)
+    tf.load_state_dict(_weights(d / "tiny_hart_transformer_weights.safetensors"), strict=True)
+    vae.load_state_dict(_weights(d / "tiny_hart_tokenizer_vae_weights.safetensors"), strict=True)
+    t = load_file(str(d / "tiny_hart_tensors.safetensors"))
+    s = meta["sampling"]
+    smp = HARTSampling(cfg=s["cfg"], top_p=s["top_p"], more_smooth=bool(s["more_smooth"]),
+                       final_stage=int(s["final_stage"]), diffusion_noise="global")
+    text = FixedContext(t["context"], t["context_mask"], t["context_position_ids"])
+    bb = HARTBackbone(tf.eval(), vae.eval(), text, smp, None, "cpu", "fp32", "tiny_hart_fixture")
+    return bb, t, meta
+
+
+def _run(bb: HARTBackbone, B: int, torch_seed: int, rng=None):
+    """generate() with the global torch RNG seeded as the official call was (restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed)
+        return generate(bb, [""] * B, Recorder(), rng)
+
+
+@torch.no_grad()
+def check_hart_fixture(meta_path: str | Path) -> list[Check]:
+    bb, t, meta = build_from_meta(meta_path)
+    s = meta["sampling"]
+    B, n_sc, seed = int(s["B"]), len(bb.scales()), int(s["torch_manual_seed_before_call"])
+    idx_ref = [t[f"idx_s{si:02d}"] for si in range(n_sc)]
+    out: list[Check] = []
+
+    # 4. effective top-k per stage
+    wrong = sum(int(bb.top_k(si) != k) for si, k in enumerate(s["top_k_used_per_stage"]))
+    out.append(Check("top_k per stage (stages differing)", float(wrong), TOL["exact"]))
+
+    # 1. replay
+    bb.forced_idx, bb.record_logits, bb.diffusion_trace = idx_ref, {}, []
+    res = _run(bb, B, seed)
+    logits, trace = bb.record_logits, bb.diffusion_trace
+    bb.forced_idx = bb.record_logits = bb.diffusion_trace = None
+    for si in range(n_sc):
+        ref, got = t[f"logits_raw_s{si:02d}"], logits.get(si)
+        for half, name in ((slice(0, B), "cond"), (slice(B, 2 * B), "uncond")):
+            d = float("inf") if got is None else _diff(got[half], ref[half])
+            out.append(Check(f"logits_raw_s{si:02d} {name}", d, TOL["logits_cfg"]))
+    head = [e for e in trace if "z" in e]
+    steps = [e for e in trace if "x_in" in e]
+    tail = [e for e in trace if "out_scaled" in e]
+    out.append(Check("diff_z", _diff(head[0]["z"], t["diff_z"]) if head else float("inf"), TOL["logits_cfg"]))
+    out.append(Check("diffusion cfg scale", abs(head[0]["cfg"] - s["diffusion_cfg_used"]) if head else float("inf"), 1e-9))
+    out.append(Check("diff_init_noise_half (global RNG regenerated)",
+                     _diff(steps[0]["x_in"][: B * t["diff_init_noise_half"].shape[0] // B], t["diff_init_noise_half"])
+                     if steps else float("inf"), TOL["exact"]))
+    for j in range(8):
+        if j >= len(steps):
+            out.append(Check(f"diff_step{j} (missing)", float("inf"), 0.0))
+            continue
+        e = steps[j]
+        out.append(Check(f"diff_step{j}_t", float((e["t"] != t[f"diff_step{j}_t"]).sum()), TOL["exact"]))
+        out.append(Check(f"diff_step{j}_x_in", _diff(e["x_in"], t[f"diff_step{j}_x_in"]), TOL["codes"]))
+        out.append(Check(f"diff_step{j}_x_out", _diff(e["x_out"], t[f"diff_step{j}_x_out"]), TOL["codes"]))
+    out.append(Check("diff_out_scaled", _diff(tail[0]["out_scaled"], t["diff_out_scaled"]) if tail else float("inf"),
+                     TOL["codes"]))
+    out.append(Check("f_hat_final", _diff(res.state.f_hat, t["f_hat_final"]), TOL["codes"]))
+    out.append(Check("image_01", _diff(res.images.add(1).mul(0.5), t["image_01"]), TOL["image"]))
+
+    # 2. teacher forcing of every diffusion step with the regenerated global-RNG noise
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.randn(*t["diff_init_noise_half"].shape)
+        noises = [torch.randn(*t[f"diff_step{j}_x_in"].shape) for j in range(8)]
+    dh, cfg = bb.model.diffloss, float(s["diffusion_cfg_used"])
+    worst = 0.0
+    for j in range(8):
+        x_out = dh.p_sample(t[f"diff_step{j}_x_in"], t[f"diff_step{j}_t"], t["diff_z"], cfg, noises[j])
+        worst = max(worst, _diff(x_out, t[f"diff_step{j}_x_out"]))
+    out.append(Check("diffusion steps teacher-forced (x_in, t, z, noise -> x_out), max over 8", worst, TOL["codes"]))
+
+    # 3. free sampling with g_seed
+    rng = torch.Generator().manual_seed(int(s["g_seed"]))
+    res2 = _run(bb, B, seed, rng)
+    drawn = torch.cat([i.reshape(B, -1) for i in res2.state.idx], 1)
+    ref = torch.cat([i.reshape(B, -1) for i in idx_ref], 1)
+    frac = (drawn != ref).float().mean().item() if drawn.shape == ref.shape else float("inf")
+    out.append(Check("sampled idx with g_seed (fraction differing)", frac, TOL["exact"]))
+    out.append(Check("image_01 (free sampling, g_seed + torch seed)", _diff(res2.images.add(1).mul(0.5), t["image_01"]),
+                     TOL["image"]))
+    return out
