@@ -19,6 +19,7 @@ Infinity-8B has no official schedule: ``conf/method/fastvar_8b.yaml`` is **our p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,19 +29,25 @@ from varbench.hooks import LayerCtx, Method, MethodConfig, ScaleCtx, ScalePlan
 from varbench.tokens import ResidualCache, Selection, check_ratio, keep_count
 
 
+OFFICIAL_2B_PRUNE_RATIOS = {32: 0.4, 40: 0.5}
+
+
 @dataclass
 class FastVARConfig(MethodConfig):
     name: str = "fastvar"
     family: str = "fastvar"
-    prune_ratios: dict = field(default_factory=lambda: {32: 0.4, 40: 0.5})   # scale width -> ratio
+    # scale width -> ratio; None = the official Infinity-2B rule {32: 0.4, 40: 0.5}. (A dict default would be MERGED
+    # by Hydra with a derived config's dict, e.g. fastvar_hart's {48, 64} would keep 32 and 40.)
+    prune_ratios: Any = None
     skip_widths: list = field(default_factory=lambda: [48, 64])
     blocks: list = field(default_factory=lambda: [3, 27])                    # inclusive global block range
     cache_width: int = 24
     interp: str = "area"
 
     def __post_init__(self):
-        self.prune_ratios = {int(k): check_ratio(v, f"fastvar.prune_ratios[{k}]")
-                             for k, v in (self.prune_ratios or {}).items()}
+        if self.prune_ratios is None:
+            self.prune_ratios = dict(OFFICIAL_2B_PRUNE_RATIOS)
+        self.prune_ratios = {int(k): check_ratio(v, f"fastvar.prune_ratios[{k}]") for k, v in self.prune_ratios.items()}
         if len(self.blocks) != 2 or self.blocks[0] > self.blocks[1]:
             raise UserError(f"fastvar.blocks must be [first, last], got {self.blocks}")
         self.skip_widths = [int(w) for w in self.skip_widths or []]

@@ -15,6 +15,7 @@ Pruned scales and ratios are keyed by grid width (``ScaleCtx.rule_w``), like Fas
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,14 +28,16 @@ from varbench.tokens import ResidualCache, Selection, check_ratio, keep_count, r
 class SparseVARConfig(MethodConfig):
     name: str = "sparsevar"
     family: str = "sparsevar"
-    ratios: dict = field(default_factory=lambda: {32: 0.3, 40: 0.4, 48: 0.5, 64: 0.5})  # OURS (unknown)
+    ratios: Any = None              # by scale width; None = OUR defaults {32: 0.3, 40: 0.4, 48: 0.5, 64: 0.5} (unknown)
     score_block: float = 0.5        # block s as a fraction of depth (0.5 = the middle block); OURS
     anchor_stride: int = 4          # OURS
     interp: str = "bilinear"        # OURS
     restore: str = "keep_input"     # keep_input | prev_residual
 
     def __post_init__(self):
-        self.ratios = {int(k): check_ratio(v, f"sparsevar.ratios[{k}]") for k, v in (self.ratios or {}).items()}
+        if self.ratios is None:
+            self.ratios = {32: 0.3, 40: 0.4, 48: 0.5, 64: 0.5}
+        self.ratios = {int(k): check_ratio(v, f"sparsevar.ratios[{k}]") for k, v in self.ratios.items()}
         if self.restore not in ("keep_input", "prev_residual"):
             raise UserError(f"sparsevar.restore must be keep_input or prev_residual, got {self.restore!r}")
         if not 0.0 <= self.score_block <= 1.0 or self.anchor_stride < 1:

@@ -40,7 +40,8 @@ def run_metrics(recs: dict[int, dict], spec: BackboneSpec, ref: dict[int, dict] 
     out["gflops"] = (_mean(list(flops.values())) / 1e9, len(idx))
     if ref is None:
         return out
-    common = [i for i in idx if i in ref]
+    # speed compares images made on the same device (rows from mixed devices would divide unrelated timings)
+    common = [i for i in idx if i in ref and recs[i].get("device_name") == ref[i].get("device_name")]
     if not common:
         return out
     lat, rlat = _mean([recs[i]["time_per_image_s"] for i in common]), _mean([ref[i]["time_per_image_s"] for i in common])

@@ -2,19 +2,28 @@
 
 Row fields:
   run        run directory relative to results_root (unique per model/bench/method/overrides)
-  model, method, bench, overrides   what was run (overrides: the non-default settings, as in the run name)
+  model, method, bench, overrides   what was run (overrides: the settings that change images, as in the run name)
   metric     e.g. latency_s, speedup, flop_speedup, psnr, ssim, tokens_frac, activation_rate
   value, n   the aggregate and how many images it is over
-  git_sha, time   provenance (time: ISO-8601, UTC)
-Loading keeps the newest row per (run, metric): re-running or re-scoring replaces, never duplicates.
+  note       the method's footnote (reconstructed method, our port, our reading ...), shown under tables
+  device     where the images were made (speed columns compare rows of one device type only)
+  run_id, git_sha, time   provenance (time: ISO-8601, UTC)
+Loading keeps the newest row per (run, metric): re-running or re-scoring replaces, never duplicates. A torn or
+non-numeric line (killed writer, hand edit) is skipped with one warning line instead of breaking every table.
 """
 from __future__ import annotations
 
-import json
+import math
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-FIELDS = ("run", "model", "method", "bench", "overrides", "metric", "value", "n", "git_sha", "time")
+import pandas as pd
+
+from varbench.io import append_jsonl, iter_jsonl
+
+FIELDS = ("run", "model", "method", "bench", "overrides", "metric", "value", "n", "note", "device", "run_id",
+          "git_sha", "time")
 
 
 def rows_path(results_root: Path) -> Path:
@@ -22,27 +31,26 @@ def rows_path(results_root: Path) -> Path:
 
 
 def append_rows(results_root: Path, rows: list[dict]) -> None:
-    p = rows_path(results_root)
-    p.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with p.open("a") as f:
-        for r in rows:
-            r = {k: r.get(k) for k in FIELDS} | {"time": r.get("time") or now}
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(rows_path(results_root), [{k: r.get(k) for k in FIELDS} | {"time": r.get("time") or now}
+                                           for r in rows])
 
 
-def load(results_root: Path):
-    import pandas as pd
+def _numeric(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
-    p = rows_path(results_root)
-    recs = []
-    if p.exists():
-        for line in p.read_text().splitlines():
-            try:
-                recs.append(json.loads(line))
-            except ValueError:
-                continue
+
+def load(results_root: Path) -> pd.DataFrame:
+    recs, bad = [], 0
+    for r in iter_jsonl(rows_path(results_root)):
+        if not _numeric(r.get("value")) or not r.get("run") or not r.get("metric"):
+            bad += 1
+            continue
+        recs.append(r)
+    if bad:
+        print(f"[varbench] warning: skipped {bad} malformed row(s) in {rows_path(results_root)}", file=sys.stderr)
     df = pd.DataFrame(recs, columns=list(FIELDS))
     if len(df):
+        df["value"] = df["value"].astype(float)
         df = df.drop_duplicates(["run", "metric"], keep="last").reset_index(drop=True)
     return df

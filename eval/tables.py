@@ -12,25 +12,7 @@ SPEED_COLUMNS = [
     ("psnr", "PSNR (dB)↑", "{:.2f}"),
     ("ssim", "SSIM↑", "{:.4f}"),
     ("peak_mem_gb", "Peak mem (GB)", "{:.2f}"),
-    ("activation_rate", "Activated", "{:.0%}"),
-    ("t_star_mean", "mean t*", "{:.2f}"),
 ]
-
-
-# Methods whose rows need a footnote (prefix match on the row's method name).
-FOOTNOTES = {
-    "sparsevar": "SparseVAR is reconstructed from its paper: no official code or schedule is public; defaults are ours.",
-    "nova_sparsevar": "NOVA‡ uses our SparseVAR ratios (SparseVAR's schedule is unknown).",
-    "fastvar_8b": "FastVAR on Infinity-8B is our port of the 2B schedule (no official 8B setting).",
-    "nova_attn": "NOVA w/ Attn: the paper does not define the attention score; ours is methods.md §2.4.",
-}
-
-
-def _note(method: str) -> int | None:
-    for i, key in enumerate(FOOTNOTES):
-        if method.startswith(key):
-            return i
-    return None
 
 
 def _fmt(v, fmt: str) -> str:
@@ -47,8 +29,10 @@ def wide(df, model: str | None = None, bench: str | None = None):
         df = df[df.bench == bench]
     if not len(df):
         return df
-    w = df.pivot_table(index=["model", "bench", "method", "overrides", "run"], columns="metric", values="value",
-                       aggfunc="last").reset_index()
+    keys = ["model", "bench", "method", "overrides", "run"]
+    w = df.pivot_table(index=keys, columns="metric", values="value", aggfunc="last").reset_index()
+    side = df.sort_values("time").groupby("run")[["note", "device"]].last()
+    w = w.join(side, on="run")
     w["_ref_first"] = w["method"] != "none"
     return w.sort_values(["model", "bench", "_ref_first", "method", "overrides"]).drop(columns="_ref_first")
 
@@ -63,22 +47,34 @@ def quality_columns(w, prefixes: list[str]) -> list[str]:
 
 
 def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None, quality: list[str] | None = None) -> str:
-    """Markdown table; missing cells show as '—', never as a number. ``quality`` columns come first."""
+    """Markdown table; missing cells show as '—', never as a number. ``quality`` columns come first. Footnotes come
+    from the rows (each method declares its own); a table whose speed rows come from several device types says so."""
     q = [(m, m.replace("_", " "), "{:.3f}") for m in (quality or []) if m in w.columns]
-    cols = q + [c for c in columns if c[0] in w.columns] + [(m, m, "{:.4g}") for m in (extra or []) if m in w.columns]
+    known = {c[0] for c in columns} | {m for m, _, _ in q} | {"model", "bench", "method", "overrides", "run", "note",
+                                                                 "device", "gflops"}
+    auto = [c for c in w.columns if isinstance(c, str) and c not in known and c not in (extra or [])]
+    cols = q + [c for c in columns if c[0] in w.columns] + [(m, m, "{:.4g}") for m in list(extra or []) + auto
+                                                            if m in w.columns]
     head = ["Model", "Bench", "Method"] + [h for _, h, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    used = []
+    notes: list[str] = []
     for _, r in w.iterrows():
-        note = _note(r["method"])
+        note = r.get("note")
         mark = ""
-        if note is not None:
-            if note not in used:
-                used.append(note)
-            mark = f"[{used.index(note) + 1}]"
+        if isinstance(note, str) and note:
+            if note not in notes:
+                notes.append(note)
+            mark = f"[{notes.index(note) + 1}]"
         name = r["method"] + mark + (f" ({r['overrides']})" if r.get("overrides") not in (None, "", "default") else "")
         cells = [r["model"], r["bench"], name] + [_fmt(r.get(m), f) for m, _, f in cols]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    keys = list(FOOTNOTES)
-    lines += [""] * bool(used) + [f"[{i + 1}] {FOOTNOTES[keys[n]]}" for i, n in enumerate(used)]
+    devices = sorted({_kind(d) for d in w.get("device", []) if isinstance(d, str)})
+    if len(devices) > 1:
+        notes.append(f"rows were measured on different device types ({', '.join(devices)}): compare speed columns "
+                     f"only within one device type (each speedup is against a reference made on its own device)")
+    lines += [""] * bool(notes) + [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
     return "\n".join(lines)
+
+
+def _kind(device: str) -> str:
+    return device.split(":")[0] if device.startswith("cpu") else device
