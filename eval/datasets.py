@@ -109,24 +109,42 @@ def _load_prompts(bench: dict) -> list[Prompt]:
         return [Prompt(i, m["prompt"], f"{i:05d}", m) for i, m in enumerate(metas)]
     root = data_dir(bench.get("data_dir"))
     if src == "geneval":
-        lines = need("geneval", "evaluation_metadata.jsonl", root).read_text().splitlines()
-        return [Prompt(i, (m := json.loads(ln))["prompt"], f"{i:05d}", m) for i, ln in enumerate(lines) if ln.strip()]
+        f = need("geneval", "evaluation_metadata.jsonl", root)
+        metas = [_json(f, ln, n + 1) for n, ln in enumerate(f.read_text().splitlines()) if ln.strip()]
+        return [Prompt(i, _field(f, m, "prompt"), f"{i:05d}", m) for i, m in enumerate(metas)]
     if src == "imagereward":
-        items = json.loads(need("imagereward", "benchmark-prompts.json", root).read_text())
-        return [Prompt(i, it["prompt"], str(it["id"]), it) for i, it in enumerate(items)]
+        f = need("imagereward", "benchmark-prompts.json", root)
+        items = _json(f, f.read_text())
+        return [Prompt(i, _field(f, it, "prompt"), str(_field(f, it, "id")), it) for i, it in enumerate(items)]
     if src == "dpg_bench":
         files = sorted(need("dpg_bench", "prompts", root).glob("*.txt"), key=lambda p: p.stem)
         return [Prompt(i, f.read_text().strip(), f.stem) for i, f in enumerate(files)]
     if src == "hpsv2":
         out = []
         for style in bench.get("styles", ["anime", "concept-art", "paintings", "photo"]):
-            for j, p in enumerate(json.loads(need("hpsv2", f"{style}.json", root).read_text())):
+            f = need("hpsv2", f"{style}.json", root)
+            for j, p in enumerate(_json(f, f.read_text())):
                 out.append(Prompt(len(out), p, f"{style}/{j:05d}", {"style": style}))
         return out
     if src == "mjhq30k":
-        meta = json.loads(need("mjhq30k", "meta_data.json", root).read_text())
+        f = need("mjhq30k", "meta_data.json", root)
+        meta = _json(f, f.read_text())
         cats = bench.get("categories")
         items = [(k, v) for k, v in meta.items() if not cats or v["category"] in cats]
         return [Prompt(i, v["prompt"], f"{v['category']}/{k}", v) for i, (k, v) in enumerate(items)]
     raise UserError(f"bench {bench.get('name')!r} has neither prompts nor a known source (got {src!r}; known: "
                     f"{', '.join(SOURCES)})")
+
+
+def _json(path: Path, text: str, line: int | None = None):
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        where = f"line {line}" if line is not None else f"line {getattr(e, 'lineno', '?')}"
+        raise UserError(f"malformed prompt file {path} ({where}): {str(e).split(':')[0]}") from None
+
+
+def _field(path: Path, obj, key: str):
+    if not isinstance(obj, dict) or key not in obj:
+        raise UserError(f"malformed prompt file {path}: an entry has no {key!r} field ({str(obj)[:60]})")
+    return obj[key]

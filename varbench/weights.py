@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from varbench.errors import MissingWeights
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from varbench.errors import MissingWeights, UserError
 
 
 def weights_dir(cfg_dir: str | None) -> Path:
@@ -51,3 +54,19 @@ def resolve_files(files: dict, wdir: Path, setting: str = "model.weights_dir") -
     return found
 
 
+
+
+def load_safetensors(path) -> dict:
+    """A .safetensors file as a state dict; a truncated or corrupt file is one line naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+                        f"(truncated or corrupt? re-download or rebuild it)") from None
+
+
+def state_dict_mismatch(err: Exception) -> str:
+    """The first informative line of torch's load_state_dict error (the key and the two shapes)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    detail = [ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    return (detail or lines or [type(err).__name__])[0][:300]

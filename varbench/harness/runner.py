@@ -216,10 +216,12 @@ def score_run(cfg: dict, rd: RunDir, items: list[Item], method_name: str, family
     """Speed/fidelity against the reference, method metrics, bench metrics -> metrics.json, rows, plot."""
     missing = missing_items(rd, items)
     if missing:
-        shards = sorted({it.index % max(1, rd.shard.count) for it in missing})
-        raise UserError(f"{rd.path}: {len(missing)} of {len(items)} items are not generated yet (e.g. item "
-                        f"{missing[0].index}: {missing[0].relpath}; shard(s) {shards[:8]} of "
-                        f"{rd.shard.count}); finish stage=generate on every shard first")
+        count = int(((rd.read_meta() or {}).get("identity") or {}).get("shard_count") or 1)
+        count = max([count] + [int(p.stem.split("of")[-1]) for p in rd.path.glob("records.shard*of*.jsonl")])
+        shards = sorted({it.index % count for it in missing})
+        raise UserError(f"{rd.path}: {len(missing)} of {len(items)} items are missing or unreadable (e.g. item "
+                        f"{missing[0].index}: {missing[0].relpath}; shard(s) {shards[:8]} of {count}); run "
+                        f"stage=generate (on every shard) to (re)make them")
     meta = rd.read_meta() or {}
     spec = BackboneSpec.from_dict(meta["spec"])
     recs = {i: r for i, r in rd.records().items() if i in {it.index for it in items}}

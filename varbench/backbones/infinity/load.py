@@ -21,7 +21,8 @@ from varbench.backbones.infinity.schedules import schedule_from_config
 from varbench.backbones.infinity.text import T5TextEncoder
 from varbench.backbones.infinity.vae import BSQVAE, load_vae_state_dict
 from varbench.errors import UserError
-from varbench.weights import find_file, resolve_files, weights_dir  # noqa: F401  (re-exported for tests)
+from varbench.weights import (find_file, load_safetensors, resolve_files, state_dict_mismatch,  # noqa: F401
+                              weights_dir)
 
 
 # ---------------------------------------------------------------- state dicts
@@ -38,9 +39,7 @@ def read_state_dict(path: Path, key: str | None = None, trust_pickle: bool = Fal
             sd.update(read_state_dict(path / s, None, trust_pickle))
         return sd
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
+        sd = load_safetensors(path)
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
@@ -121,20 +120,22 @@ def seeded_modules(mcfg, device="cpu"):
 def load_package_weights(name: str, tf, vae, text) -> None:
     """Weights the project trained itself (``varbench/backbones/infinity/weights/<name>/``, see its MODEL_CARD.md),
     loaded strictly: a mismatch with the config is an error, not a silent partial load."""
-    from safetensors.torch import load_file
-
     folder = PACKAGE_WEIGHTS / name
+    if not folder.is_dir():
+        shipped = sorted(p.name for p in PACKAGE_WEIGHTS.iterdir() if p.is_dir())
+        raise UserError(f"no package weights named {name!r} (shipped with varbench: {', '.join(shipped)}); set "
+                        f"model.package_weights to one of them, or null for seeded weights")
     parts = {"infinity.safetensors": tf, "vae.safetensors": vae, "text.safetensors": text.encoder}
     missing = [f for f in parts if not (folder / f).is_file()]
     if missing:
         raise UserError(f"package weights {', '.join(missing)} not found in {folder}; they ship with the repository "
                         f"(git checkout -- {folder}) or are rebuilt by `python scripts/train_tiny.py`")
     for f, module in parts.items():
-        sd = load_file(str(folder / f))
+        sd = load_safetensors(folder / f)
         try:
             module.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise UserError(f"{folder / f} does not match the model config: {str(e).splitlines()[0]}") from None
+            raise UserError(f"{folder / f} does not match the model config: {state_dict_mismatch(e)}") from None
 
 
 def build_infinity(mcfg, device="cpu", dtype="fp32") -> InfinityBackbone:
