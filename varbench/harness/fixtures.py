@@ -335,6 +335,11 @@ def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
 
 
 def check_fixture(meta_path: str | Path) -> list[Check]:
-    """Dispatch on the fixture kind (Infinity / FastVAR: the same checker; SkipVAR: decisions and traces)."""
-    src = json.dumps(json.loads(Path(meta_path).read_text()).get("source", "")).lower()
+    """Dispatch on the fixture kind (Infinity / FastVAR: the same checker; SkipVAR: decisions and traces; HART, whose
+    meta has a ``transformer_config`` of model_type hart_transformer_t2i: ``varbench/harness/fixtures_hart.py``)."""
+    meta = json.loads(Path(meta_path).read_text())
+    if (meta.get("transformer_config") or {}).get("model_type") == "hart_transformer_t2i":
+        # by module path, like the registry tables: fixtures_hart builds on this module's Check / TOL / _diff
+        return __import__("varbench.harness.fixtures_hart", fromlist=["_"]).check_hart_fixture(meta_path)
+    src = json.dumps(meta.get("source", "")).lower()
     return check_skipvar_fixture(meta_path) if "skipvar" in src else check_infinity_fixture(meta_path)

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from varbench.backbones.hart.backbone import HARTBackbone, HARTSampling
 from varbench.backbones.hart.load import arch_from_official, new_modules
-from varbench.harness.fixtures import TOL, Check, Recorder, _diff
+from varbench.harness.fixtures import TOL, Check, _diff
+from varbench.hooks import Method
 from varbench.loop import generate
 
 
@@ -63,7 +64,7 @@ def _run(bb: HARTBackbone, B: int, torch_seed: int, rng=None):
     """generate() with the global torch RNG seeded as the official call was (restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed)
-        return generate(bb, [""] * B, Recorder(), rng)
+        return generate(bb, [""] * B, Method(), rng)
 
 
 @torch.no_grad()

@@ -221,13 +221,22 @@ class HARTBackbone:
         if self.forced_idx is not None and si < len(self.forced_idx):
             idx = self.forced_idx[si].to(self.device).reshape(B, l)
         else:
-            idx = torch.multinomial(x.softmax(-1).view(-1, V), 1, replacement=True, generator=rng).view(B, l)
+            probs = x.softmax(-1)
+            if isinstance(rng, (list, tuple)):  # one generator per image: a batch draws what B single runs would
+                idx = torch.stack([torch.multinomial(probs[b], 1, replacement=True, generator=g).view(l)
+                                   for b, g in enumerate(rng)])
+            else:
+                idx = torch.multinomial(probs.view(-1, V), 1, replacement=True, generator=rng).view(B, l)
         if self.sampling.more_smooth:  # Gumbel soft embedding on the filtered logits (same rng, after the draw)
             ratio = self.ratio(si)
             tau = max(0.27 * (1 - ratio * 0.95), 0.005)
             y = x.mul(1 + ratio)
-            g = -torch.empty_like(y, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
-            emb = ((y + g) / tau).softmax(-1) @ emb_w.unsqueeze(0)
+            gens = rng if isinstance(rng, (list, tuple)) else None
+            if gens is None:
+                e = torch.empty_like(y, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng)
+            else:
+                e = torch.cat([torch.empty_like(y[b:b + 1]).exponential_(generator=g) for b, g in enumerate(gens)])
+            emb = ((y - e.log()) / tau).softmax(-1) @ emb_w.unsqueeze(0)
         else:
             emb = F.embedding(idx, emb_w)
         last = si == self.num_scales - 1
@@ -241,7 +250,7 @@ class HARTBackbone:
         z = m.diffusion_condition(h_last, F.embedding(idx, self.vae.quantize.embedding.weight))
         rows, L = z.shape[0], z.shape[1]
         t = self.sampling.cfg * self.ratio(si) if rows > B else 1.0
-        noise_fn = global_noise if self.sampling.diffusion_noise == "global" else generator_noise(rng)
+        noise_fn = global_noise if self.sampling.diffusion_noise == "global" else generator_noise(rng, L)
         z = z.reshape(rows * L, -1)
         if self.diffusion_trace is not None:
             self.diffusion_trace.append({"z": z, "cfg": t})

@@ -164,11 +164,22 @@ def global_noise(shape, like: torch.Tensor, step: int) -> torch.Tensor:
     return torch.randn_like(like)
 
 
-def generator_noise(rng: torch.Generator | None) -> NoiseFn:
-    """All diffusion noise from one torch.Generator (reproducible per image), in the official order and shapes."""
+def generator_noise(rng, tokens: int = 0) -> NoiseFn:
+    """All diffusion noise from torch.Generator(s), in the official order and shapes (reproducible per image).
+
+    ``rng`` a list of B generators (one per image, ``tokens`` = L tokens per image): each image draws what it would
+    draw alone (its cond rows, then its uncond rows), placed at its rows of the batch."""
+    def draw(n, c, g, like):
+        dev = g.device if g is not None else like.device
+        return torch.randn(n, c, generator=g, device=dev).to(like.device)
+
     def fn(shape, like, step):
-        dev = rng.device if rng is not None else like.device
-        return torch.randn(*shape, generator=rng, device=dev).to(like.device)
+        if not isinstance(rng, (list, tuple)):
+            return draw(shape[0], shape[1], rng, like)
+        B, L, C = len(rng), tokens, shape[1]
+        per = shape[0] // (B * L)                       # rows per image in this tensor (1: half / no CFG, 2: CFG)
+        parts = [draw(per * L, C, g, like).view(per, L, C) for g in rng]
+        return torch.stack(parts, 1).reshape(shape)      # [per, B, L, C]: cond rows of every image, then uncond
     return fn
 
 
