@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from varbench.errors import UserError, did_you_mean
 from varbench.harness.registry import register_configs
 from varbench.harness.runner import run
-from varbench.harness.rundir import REPO
+from varbench.resources import conf_dir
 
-CONF = REPO / "conf"
+CONF = conf_dir()
 GROUPS = ("model", "method", "bench", "experiment")
 PATH_KEYS = ("score_dir", "run_dir", "results_root", "model.weights_dir", "bench.data_dir")
 
