@@ -156,3 +156,12 @@ class Method:
     def aggregate(cls, summaries: list[dict]) -> dict[str, tuple[float, int]]:
         """Run-level metrics from the per-image summaries: metric -> (value, n). Default: none."""
         return {}
+
+    @classmethod
+    def report(cls, records: list[dict], out_dir, title: str = "") -> list:
+        """The method's own figures from a run's records, written into ``out_dir``; returns their paths."""
+        return []
+
+    def check_schedule(self, schedule) -> str | None:
+        """One line if this method can never act on ``schedule`` (a list of the backbone's scales), else None."""
+        return None

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from eval import store, tables
 from eval.datasets import load_prompts
 from eval.layouts import finalize, format_record, image_format, relpath, save_kwargs
-from eval.plots import contact_sheet, plot_entropy_activation
+from eval.plots import contact_sheet
 from eval.speed import run_metrics
 from eval.wandb_log import mirror
 from varbench.backbones.base import BackboneSpec
@@ -243,8 +243,8 @@ def score_run(cfg: dict, rd: RunDir, items: list[Item], method_name: str, family
 
     save(run_metrics(recs, spec, ref_recs, rd.images, ref.images if ref else None))
     save(method_class(family).aggregate([r.get("method_summary") or {} for r in recs.values()]))
-    plot_entropy_activation(list(recs.values()), rd.path / "entropy_activation.png",
-                            f"{cfg['model']['name']} / {method_name} / {cfg['bench']['name']}")
+    method_class(family).report(list(recs.values()), rd.path,
+                                f"{cfg['model']['name']} / {method_name} / {cfg['bench']['name']}")
     save(bench_metrics(cfg, rd.images, rd.path, len(recs)))   # after speed/fidelity are stored: a scorer error loses nothing
     return metrics
 
@@ -331,7 +331,7 @@ def run(cfg: dict, overrides: list[str] | None = None) -> dict:
     counts = {"generated": 0, "reused": len(items)}
     if stage in ("generate", "all"):
         backbone = build_backbone(cfg["model"], device, dtype)
-        warn = getattr(method, "check_schedule", lambda s: None)(backbone.scales())
+        warn = method.check_schedule(backbone.scales())
         if warn:
             print(f"[varbench] warning: {warn}", file=sys.stderr)
         ident = identity(cfg, device, dtype, threads)
