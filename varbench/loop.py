@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from varbench.attention import sdpa_attention
-from varbench.backbones.base import ScaleInfo
+from varbench.backbones.base import Backbone, ScaleInfo
 from varbench.hooks import LayerCtx, Method, ScaleCtx
+from varbench.profiling import prange
 from varbench.records import GenRecord, Stopwatch, peak_memory_bytes, reset_peak_memory
 
 
@@ -25,28 +26,42 @@ class GenOutput:
     method_summary: dict
 
 
-def _run_layer(backbone, method: Method, li: int, x, pos, cond, kv, segs: list, scale, sctx: ScaleCtx,
-               rec_tokens: list, rec_keys: list):
+def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos: Any, cond: Any, kv: Any,
+               segs: list[int], scale: Any, sctx: ScaleCtx, rec_tokens: list[float],
+               rec_keys: list[float]) -> torch.Tensor:
     """One block: token selection and restoration per unit (the whole block, or each branch)."""
     units = [backbone.spec.branches] if method.granularity == "block" else [(b,) for b in backbone.spec.branches]
     kv_before = kv.length
     lctx = LayerCtx(sctx, li, kv_len=kv_before, kv_segments=tuple(segs),
                     head_logits=lambda h: backbone.head(h, cond, scale),
                     guide=lambda logits: backbone.guide(logits, cond, scale))
-    attn_fn = method.attention(lctx) or sdpa_attention
+    with prange("vb.method.attention"):
+        attn_fn = method.attention(lctx) or sdpa_attention
     x_block_in, counts = x, []
     for unit in units:
         lctx.branch = None if method.granularity == "block" else unit[0]
-        sel = method.select(lctx, x)
-        xk, pk = (x, pos) if sel is None else (sel.gather(x), backbone.gather_positions(pos, sel))
+        with prange("vb.method.select"):
+            sel = method.select(lctx, x)
+        if sel is None:
+            xk, pk = x, pos
+        else:
+            with prange("vb.method.gather"):
+                xk, pk = sel.gather(x), backbone.gather_positions(pos, sel)
         if xk.shape[1] > 0:  # K = 0: the unit is bypassed (no compute, no K/V); restore fills every token
             for name in unit:
-                xk = xk + backbone.branch(li, name, xk, pk, cond, kv, attn_fn, lctx)
-        x = xk if sel is None else method.restore(lctx, x, xk, sel)
+                with prange("vb.block." + name):
+                    xk = xk + backbone.branch(li, name, xk, pk, cond, kv, attn_fn, lctx)
+        if sel is None:
+            x = xk
+        else:
+            with prange("vb.method.restore"):
+                x = method.restore(lctx, x, xk, sel)
         counts += [xk.shape[1]] * len(unit)
     lctx.branch = None
-    x = backbone.after_block(li, x, cond, scale)
-    method.after_layer(lctx, x_block_in, x)
+    with prange("vb.block.after"):
+        x = backbone.after_block(li, x, cond, scale)
+    with prange("vb.method.after_layer"):
+        method.after_layer(lctx, x_block_in, x)
     segs.append(kv.length - kv_before)
     rec_tokens.append(sum(counts) / len(counts))
     rec_keys.append(lctx.attn_keys if lctx.attn_keys is not None else float(kv.length))
@@ -54,9 +69,10 @@ def _run_layer(backbone, method: Method, li: int, x, pos, cond, kv, segs: list, 
 
 
 @torch.no_grad()
-def generate(backbone, prompts: list[str], method: Method | None = None,
-             rng: torch.Generator | None = None) -> GenOutput:
-    """Generate one batch of images (one per prompt). ``rng`` drives sampling (None: the global RNG)."""
+def generate(backbone: Backbone, prompts: list[str], method: Method | None = None,
+             rng: torch.Generator | list[torch.Generator] | None = None) -> GenOutput:
+    """Generate one batch of images (one per prompt). ``rng`` drives sampling: one generator, one per image (a
+    batch then draws what single runs would), or None (the global RNG)."""
     method = method or Method()
     dev, spec = backbone.device, backbone.spec
     rec = GenRecord(batch=len(prompts))
@@ -77,7 +93,8 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
                             info.rule_w, backbone.preview)
             rec.scale_hw.append((info.h, info.w))
             rec.scale_n.append(info.n)
-            plan = method.plan_scale(sctx)
+            with prange("vb.method.plan"):
+                plan = method.plan_scale(sctx)
             if plan.skip:
                 rec.rows.append(0)
                 rec.skipped_scales.append(info.si)
@@ -95,20 +112,27 @@ def generate(backbone, prompts: list[str], method: Method | None = None,
                 rec.cond_only_from = info.si
                 sctx.rows = cond.rows
             rec.rows.append(cond.rows)
-            x = backbone.scale_input(state, cond, scale)
-            pos = backbone.positions(cond, scale)
+            with prange("vb.sample.input"):
+                x = backbone.scale_input(state, cond, scale)
+                pos = backbone.positions(cond, scale)
             tokens, keys = [], []
             for li in range(spec.depth):
                 x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], segs[li], scale, sctx, tokens, keys)
             rec.tokens.append(tokens)
             rec.attn_keys.append(keys)
             rec.kv_len.append([kv.length for kv in kvs])
-            logits = backbone.head(x, cond, scale)
-            l_cond, l_uncond, guided = backbone.guide(logits, cond, scale)
-            replaced = method.after_logits(sctx, l_cond, l_uncond, guided)
-            codes = backbone.sample(guided if replaced is None else replaced, x, cond, scale, rng)
-            state = backbone.update(state, codes, scale)
-            method.after_scale(sctx, state)
+            with prange("vb.head"):
+                logits = backbone.head(x, cond, scale)
+            with prange("vb.sample.guide"):
+                l_cond, l_uncond, guided = backbone.guide(logits, cond, scale)
+            with prange("vb.method.after_logits"):
+                replaced = method.after_logits(sctx, l_cond, l_uncond, guided)
+            with prange("vb.sample.draw"):
+                codes = backbone.sample(guided if replaced is None else replaced, x, cond, scale, rng)
+            with prange("vb.sample.update"):
+                state = backbone.update(state, codes, scale)
+            with prange("vb.method.after_scale"):
+                method.after_scale(sctx, state)
             rec.scale_time_s.append(watch.lap())
         images = backbone.decode(state)
         rec.decode_time_s = watch.lap()
