@@ -169,3 +169,15 @@ def test_a_batch_with_one_generator_per_image_draws_what_single_runs_draw(tiny):
         # same draws; batched matmuls differ by float noise (~1e-6) that the low-temperature Gumbel softmax of
         # more_smooth amplifies, so the images agree to ~1e-4, not bitwise (a different draw would differ by ~1)
         assert (both.images[b:b + 1] - one.images).abs().max() < 5e-2, b
+
+
+def test_fixture_check_fails_when_the_last_scale_uses_the_fresh_ratio(monkeypatch):
+    """The checker can fail: with t = cfg·(SN−1)/(SN−1) at the last scale (not the official stale ratio) the
+    diffusion's CFG scale, its steps, the residual, f_hat and the image all leave tolerance."""
+    from varbench.backbones.hart.backbone import HARTBackbone
+    from varbench.harness.fixtures_hart import check_hart_fixture
+
+    monkeypatch.setattr(HARTBackbone, "ratio", lambda self, si: si / (self.num_scales - 1))
+    bad = {c.name for c in check_hart_fixture(shared_path("fixtures", "hart", "tiny_hart_meta.json")) if not c.ok}
+    assert {"diffusion cfg scale", "diff_out_scaled", "f_hat_final", "image_01"} <= bad
+    assert not any(n.startswith("logits_raw") for n in bad)   # raw logits do not depend on the CFG ratio

@@ -17,12 +17,11 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 class QwenTextEncoder:
-    def __init__(self, path: str, max_length: int = 300, system_prompt: str | None = None, device="cpu",
-                 dtype=torch.float32):
+    def __init__(self, path: str, max_length: int = 300, system_prompt: str | None = None, device="cpu"):
         from transformers import AutoModel, AutoTokenizer  # heavy third-party import, only when HART-0.7B is built
 
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        self.model = AutoModel.from_pretrained(path).to(device).eval()   # fp32 weights, run under the loop's autocast
         self.max_length, self.system_prompt, self.device = max_length, system_prompt, torch.device(device)
 
     @torch.no_grad()
