@@ -181,3 +181,70 @@ def test_fixture_check_fails_when_the_last_scale_uses_the_fresh_ratio(monkeypatc
     bad = {c.name for c in check_hart_fixture(shared_path("fixtures", "hart", "tiny_hart_meta.json")) if not c.ok}
     assert {"diffusion cfg scale", "diff_out_scaled", "f_hat_final", "image_01"} <= bad
     assert not any(n.startswith("logits_raw") for n in bad)   # raw logits do not depend on the CFG ratio
+
+
+@torch.no_grad()
+def _official_style_fastvar_generate(bb, prompt: str, seed: int, prune: dict, cache_w: int):
+    """HART's scale loop written the way the official HARTForT2I + FastVAR-HART blocks compose it (independent of
+    varbench/loop.py and baselines/fastvar.py): per block and per sub-block, FastVAR's merge (keep the N − int(N·r)
+    tokens farthest from the mean, descending), attention/FFN on the kept tokens with gathered RoPE and a K/V cache of
+    kept tokens only, unmerge into the area-resized output cached at the cache scale, residual add."""
+    import torch.nn.functional as F
+
+    from varbench.backbones.hart.model import rope_1d, rope_2d, image_coords, KVCache
+
+    m, rng = bb.model, torch.Generator().manual_seed(seed)
+    cond = bb.condition([prompt])
+    kvs = [KVCache() for _ in m.blocks]
+    prev = {}
+    state = bb.init_state(cond)
+    if True:
+        for scale in bb.scales():
+            si, pn = scale.si, scale.h
+            if si == 0:
+                x = cond.ctx + m.lvl_embed.weight[0]
+                cos, sin = rope_1d(cond.pos_ids, m.head_dim)
+            else:
+                z = F.interpolate(state.f_hat, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
+                x = (m.word_embed(z) + m.lvl_embed.weight[si]).repeat(2, 1, 1)
+                cos, sin = rope_2d(image_coords(pn, m.patch_nums[-1])[None] + cond.pos_ids[:, -1][:, None, None],
+                                   m.head_dim)
+            ratio = prune.get(scale.rule_w)
+            for li, blk in enumerate(m.blocks):
+                for name in ("sa", "ffn"):
+                    if ratio is None:
+                        keep, xm, cs = None, x, (cos, sin)
+                    else:
+                        mean = x.mean(1, keepdim=True)
+                        score = ((x - mean) ** 2).sum(-1, keepdim=True)
+                        keep = score.argsort(1, descending=True)[:, : x.shape[1] - int(x.shape[1] * ratio)]
+                        xm = x.gather(1, keep.expand(-1, -1, x.shape[-1]))
+                        cs = tuple(t.gather(1, keep.expand(-1, -1, t.shape[-1])) for t in (cos, sin))
+                    out = blk.branch(name, xm, cos_sin=cs, kv=kvs[li])
+                    if keep is not None:
+                        c = prev[(li, name)].view(2, cache_w, cache_w, -1).permute(0, 3, 1, 2)
+                        full = F.interpolate(c, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(2, pn * pn, -1)
+                        out = full.scatter(1, keep.expand(-1, -1, out.shape[-1]), out)
+                    if scale.rule_w == 36:
+                        prev[(li, name)] = out
+                    x = x + out
+            logits = bb.head(x, cond, scale)
+            _, _, guided = bb.guide(logits, cond, scale)
+            state = bb.update(state, bb.sample(guided, x, cond, scale, rng), scale)
+    return bb.decode(state), state
+
+
+def test_fastvar_hart_matches_an_official_style_composition_of_the_hart_blocks(tiny):
+    """FastVAR's HART schedule through our loop + the generic FastVAR class == the official block composition."""
+    from conftest import compose_method
+    from varbench.harness.registry import build_method
+
+    ours = generate(tiny, ["a red circle"], build_method(compose_method("fastvar_hart")), torch.Generator().manual_seed(7))
+    img, st = _official_style_fastvar_generate(tiny, "a red circle", 7, {48: 0.5, 64: 0.75}, 10)
+    assert all(torch.equal(a, b) for a, b in zip(st.idx, ours.state.idx))
+    # float noise only (the cache is stored as (x+out)−x, the mean by adaptive pooling; ~1e-6 relative, amplified
+    # by more_smooth's low-temperature Gumbel softmax): 1e-4 seen on f_hat values of ~5; a wrong rule differs by ~1
+    assert (st.f_hat - ours.state.f_hat).abs().max() < 1e-3
+    assert (img - ours.images).abs().max() < 1e-3
+    none = generate(tiny, ["a red circle"], None, torch.Generator().manual_seed(7))
+    assert (none.images - ours.images).abs().max() > 1e-2       # pruning did act
