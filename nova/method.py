@@ -202,7 +202,8 @@ class Nova(Method):
         if c.t_star is None and c.t_est + 2 > T:
             return (f"nova: t_est={c.t_est} with {T} scales: t* >= t_est+1 = {c.t_est + 1}, so pruning (from t*+1) "
                     f"can never start: NOVA runs as the baseline")
-        if c.fixed_ratios and not any(c.fixed_ratios.get(getattr(s, "rule_w", 0), 0.0) > 0 for s in schedule):
+        widths = [getattr(s, "rule_w", 0) or s.w for s in schedule]   # ScaleInfo or the backbone's own scales
+        if c.fixed_ratios and not any(c.fixed_ratios.get(w, 0.0) > 0 for w in widths):
             return (f"nova: no grid width of the schedule has a positive fixed ratio in {c.fixed_ratios}: "
                     f"NOVA runs as the baseline")
         return None

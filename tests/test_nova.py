@@ -90,6 +90,14 @@ def test_check_schedule_says_when_nova_can_never_act():
     assert "fixed ratio" in Nova(NovaConfig(scale_linkage=False, fixed_ratios={64: 1.0})).check_schedule(sched)
 
 
+def test_check_schedule_takes_the_backbones_own_scales(tiny_backbone):
+    """The runner passes ``backbone.scales()`` (no ScaleInfo): widths come from ``.w`` when there is no rule_w."""
+    scales = tiny_backbone.scales()
+    assert Nova(NovaConfig(scale_linkage=False, fixed_ratios={32: 0.5})).check_schedule(scales) is None
+    assert "fixed ratio" in Nova(NovaConfig(scale_linkage=False, fixed_ratios={64: 1.0})).check_schedule(scales)
+    assert "t_est=9" in Nova(NovaConfig(t_est=9)).check_schedule(scales)
+
+
 def test_keep_count_clips_and_rounds_like_fastvar():
     assert keep_count(1024, 0.4) == 1024 - 409          # K = N - floor(N·r) = 615
     assert keep_count(100, 1.7) == 0                    # clipped to r_max = 1: bypass
