@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import shared_path
+
 from varbench.backbones.infinity.model import InfinityTransformer
 
 FULL = {  # (manifest, depth, embed_dim, heads, bits per token)
@@ -67,20 +67,30 @@ def test_fastvar_fixture_reproduces_official_fastvar():
 
     checks = check_infinity_fixture(shared_path("fixtures", "fastvar", "meta.json"))
     names = " ".join(c.name for c in checks)
-    for key in ("logits_cfg_s10", "kept_idx_s09 sets", "kept_idx_s10 order", "skipped scales", "summed_codes",
-                "image_uint8_bgr", "dbg_cache_b03_ffn"):
+    for key in ("logits_cfg_s10", "kept_idx_s09 our selection on the teacher-forced block inputs",
+                "kept_idx_s10 our selection on the teacher-forced block inputs", "kv_cache_len block03",
+                "dbg_x_in_b03_s09 (block input, official selection replayed)",
+                "dbg_x_in_b03_s09 our selection on the official block input", "skipped scales", "summed_codes",
+                "image_uint8_bgr", "dbg_cache_b03_ffn", "sampled_bits"):
         assert key in names
     assert all(c.ok for c in checks), format_checks(checks)
+    # the verdict line says how many differing choices were accepted as near-ties
+    assert "near-tie selection differences accepted" in format_checks(checks).splitlines()[-1]
 
 
 def test_fastvar_selection_reproduces_official_order_on_official_input():
     from safetensors.torch import load_file
 
     from baselines.fastvar import distance_to_mean_keep
+    from varbench.harness.fixtures import distance_to_mean_scores, judge_selection
 
     t = load_file(str(shared_path("fixtures", "fastvar", "tensors.safetensors")))
-    idx = distance_to_mean_keep(t["dbg_x_in_b03_s09"], (32, 32), 615)
-    assert torch.equal(idx, t["kept_idx_s09"][0, 0].long())
+    x = t["dbg_x_in_b03_s09"]
+    idx = distance_to_mean_keep(x, (32, 32), 615)
+    score = distance_to_mean_scores(None, x)
+    # both CFG rows; the kept order may differ from the official one only between near-tied scores (another CPU)
+    verdicts = [judge_selection(idx[r], t["kept_idx_s09"][0, 0, r], score[r]) for r in range(2)]
+    assert set(verdicts) <= {"same", "tie-order", "tie-set"}, verdicts
 
 
 def test_skipvar_fixture_reproduces_official_decisions_and_traces():
