@@ -5,12 +5,15 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import REPO, compose_method, shared_path
 
-from conftest import REPO, shared_path
-from varbench.backbones.hart.check_config import compare_layout, layout, main as check_config_main, meta_modules
+from varbench.backbones.hart.check_config import compare_layout, layout, meta_modules
+from varbench.backbones.hart.check_config import main as check_config_main
 from varbench.backbones.hart.load import TF_FIXED, TF_KEYS, config_mismatches
+from varbench.backbones.hart.model import KVCache, image_coords, rope_1d, rope_2d
 from varbench.errors import MissingWeights
-from varbench.harness.registry import build_backbone
+from varbench.harness.registry import build_backbone, build_method
 from varbench.hooks import Method
 from varbench.loop import generate
 
@@ -143,9 +146,6 @@ def test_diffusion_noise_comes_from_the_generation_rng_by_default(tiny):
 
 
 def test_fastvar_hart_config_prunes_48_and_64_in_every_block_with_the_36_cache(tiny):
-    from conftest import compose_method
-    from varbench.harness.registry import build_method
-
     cfg = compose_method("fastvar_hart")
     m = build_method(cfg)
     out = _gen(tiny, method=m)
@@ -189,10 +189,6 @@ def _official_style_fastvar_generate(bb, prompt: str, seed: int, prune: dict, ca
     varbench/loop.py and baselines/fastvar.py): per block and per sub-block, FastVAR's merge (keep the N − int(N·r)
     tokens farthest from the mean, descending), attention/FFN on the kept tokens with gathered RoPE and a K/V cache of
     kept tokens only, unmerge into the area-resized output cached at the cache scale, residual add."""
-    import torch.nn.functional as F
-
-    from varbench.backbones.hart.model import rope_1d, rope_2d, image_coords, KVCache
-
     m, rng = bb.model, torch.Generator().manual_seed(seed)
     cond = bb.condition([prompt])
     kvs = [KVCache() for _ in m.blocks]
@@ -236,9 +232,6 @@ def _official_style_fastvar_generate(bb, prompt: str, seed: int, prune: dict, ca
 
 def test_fastvar_hart_matches_an_official_style_composition_of_the_hart_blocks(tiny):
     """FastVAR's HART schedule through our loop + the generic FastVAR class == the official block composition."""
-    from conftest import compose_method
-    from varbench.harness.registry import build_method
-
     ours = generate(tiny, ["a red circle"], build_method(compose_method("fastvar_hart")), torch.Generator().manual_seed(7))
     img, st = _official_style_fastvar_generate(tiny, "a red circle", 7, {48: 0.5, 64: 0.75}, 10)
     assert all(torch.equal(a, b) for a, b in zip(st.idx, ours.state.idx))

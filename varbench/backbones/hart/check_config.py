@@ -17,8 +17,15 @@ from pathlib import Path
 
 import torch
 
-from varbench.backbones.hart.load import (TF_FIXED, TF_KEYS, VAE_FIXED, VAE_KEYS, config_mismatches, new_modules,
-                                          _weights_file)
+from varbench.backbones.hart.load import (
+    TF_FIXED,
+    TF_KEYS,
+    VAE_FIXED,
+    VAE_KEYS,
+    config_mismatches,
+    new_modules,
+    weights_file,
+)
 from varbench.backbones.hart.vae import TokenizerWithDisc
 from varbench.errors import UserError
 
@@ -81,10 +88,10 @@ def check(folder: Path, model_yaml: Path) -> list[str]:
         else:
             out.append(f"{cj}: not found (values not checked)")
     tf, tok_mod = meta_modules(arch, vae_cfg)
-    w = _weights_file(llm, ["ema_model.bin", "model.safetensors", "pytorch_model.bin"])
+    w = weights_file(llm, ["ema_model.bin", "model.safetensors", "pytorch_model.bin"])
     if w is not None:
         out += compare_layout(layout(tf), _checkpoint_layout(w), str(w))
-    w = _weights_file(tok, ["model.safetensors", "pytorch_model.bin"])
+    w = weights_file(tok, ["model.safetensors", "pytorch_model.bin"])
     if w is not None:
         out += compare_layout(layout(tok_mod), _checkpoint_layout(w), str(w))
     return out

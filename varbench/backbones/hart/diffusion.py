@@ -14,7 +14,7 @@ torch's global CPU RNG and each step's noise from the global RNG of the device (
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

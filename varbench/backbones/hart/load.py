@@ -123,7 +123,7 @@ def load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:
     module.load_state_dict(sd, strict=True)
 
 
-def _weights_file(folder: Path, names: list[str]) -> Path | None:
+def weights_file(folder: Path, names: list[str]) -> Path | None:
     for n in names:
         if (folder / n).is_file():
             return folder / n
@@ -149,7 +149,7 @@ def resolve(mcfg) -> dict[str, Path]:
              "tokenizer": ["model.safetensors", "pytorch_model.bin"]}
     for role, names in inner.items():
         if role in found:
-            w = _weights_file(found[role], names)
+            w = weights_file(found[role], names)
             if w is None:
                 missing.append((f"{files[role]['file']}/{names[0]}", str(found[role]), files[role].get("url", "?")))
             else:
