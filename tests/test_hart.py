@@ -34,6 +34,7 @@ def _gen(bb, prompts=("two green circles",), method=None, seed=0):
 
 
 # ---------------------------------------------------------------- faithfulness
+@pytest.mark.slow
 def test_fixture_every_tensor_within_tolerance():
     from varbench.harness.fixtures_hart import check_hart_fixture
 
@@ -171,6 +172,7 @@ def test_a_batch_with_one_generator_per_image_draws_what_single_runs_draw(tiny):
         assert (both.images[b:b + 1] - one.images).abs().max() < 5e-2, b
 
 
+@pytest.mark.slow
 def test_fixture_check_fails_when_the_last_scale_uses_the_fresh_ratio(monkeypatch):
     """The checker can fail: with t = cfg·(SN−1)/(SN−1) at the last scale (not the official stale ratio) the
     diffusion's CFG scale, its steps, the residual, f_hat and the image all leave tolerance."""
@@ -230,6 +232,7 @@ def _official_style_fastvar_generate(bb, prompt: str, seed: int, prune: dict, ca
     return bb.decode(state), state
 
 
+@pytest.mark.slow
 def test_fastvar_hart_matches_an_official_style_composition_of_the_hart_blocks(tiny):
     """FastVAR's HART schedule through our loop + the generic FastVAR class == the official block composition."""
     ours = generate(tiny, ["a red circle"], build_method(compose_method("fastvar_hart")), torch.Generator().manual_seed(7))
