@@ -244,3 +244,40 @@ def test_fastvar_hart_matches_an_official_style_composition_of_the_hart_blocks(t
     assert (img - ours.images).abs().max() < 1e-3
     none = generate(tiny, ["a red circle"], None, torch.Generator().manual_seed(7))
     assert (none.images - ours.images).abs().max() > 1e-2       # pruning did act
+
+
+def test_qwen_text_encoder_prepends_the_system_prompt_and_keeps_the_prompt_positions():
+    """encode_prompts semantics with stand-ins for the tokenizer and the LLM: each prompt padded to max_length on
+    its own, mask = id != pad, position ids = cumsum(mask) − 1, system tokens (mask 1) prepended, and only the
+    prompt positions of the last hidden state kept."""
+    from types import SimpleNamespace
+
+    from varbench.backbones.hart.text import QwenTextEncoder
+
+    PAD = 0
+
+    class Tok:
+        pad_token_id = PAD
+
+        def __call__(self, text, return_tensors, padding, max_length, truncation):
+            ids = [ord(c) for c in text][:max_length]
+            if padding == "max_length":
+                ids = ids + [PAD] * (max_length - len(ids))
+            return SimpleNamespace(input_ids=torch.tensor([ids]))
+
+    seen = {}
+
+    def llm(ids, attention_mask, output_hidden_states):
+        seen["ids"], seen["mask"] = ids, attention_mask
+        h = torch.stack([ids.float(), attention_mask.float()], -1)            # [B, S, 2]: the token and its mask
+        return SimpleNamespace(hidden_states=[None, h])
+
+    enc = object.__new__(QwenTextEncoder)
+    enc.tok, enc.model, enc.max_length, enc.system_prompt, enc.device = Tok(), llm, 6, "SYS", torch.device("cpu")
+    ctx, mask, pos = enc(["ab", "abcdefgh"])
+    assert ctx.shape == (2, 6, 2) and ctx.dtype == torch.float32
+    assert mask.tolist() == [[1, 1, 0, 0, 0, 0], [1] * 6]
+    assert pos.tolist() == [[0, 1, 1, 1, 1, 1], [0, 1, 2, 3, 4, 5]]
+    assert seen["ids"].shape == (2, 9) and seen["ids"][:, :3].tolist() == [[ord(c) for c in "SYS"]] * 2
+    assert seen["mask"][:, :3].all() and seen["mask"][0, 3:].tolist() == [1, 1, 0, 0, 0, 0]
+    assert ctx[0, :, 0].tolist() == [ord("a"), ord("b"), 0, 0, 0, 0]                # prompt positions only
