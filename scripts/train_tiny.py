@@ -36,15 +36,17 @@ import torch.nn.functional as F  # noqa: E402
 SIZE = 64
 
 
-def batch(step: int, n: int, seed: int):
-    """n (prompt, image in [-1, 1]) pairs, a pure function of (seed, step)."""
-    from eval.shapes.world import TAGS, make_prompt, sample
+def batch(step: int, n: int, seed: int, world: str = "textured"):
+    """n (prompt, image in [-1, 1]) pairs, a pure function of (seed, step, world)."""
+    from eval.shapes.world import TAGS, make_prompt, sample, with_background
 
     rng = random.Random(seed * 1_000_003 + step)
     prompts, imgs = [], []
     for _ in range(n):
         meta = make_prompt(TAGS[rng.randrange(len(TAGS))], rng)
-        im, _ = sample(meta, SIZE, seed=rng.randrange(1 << 30))
+        if world == "textured":
+            meta = with_background(meta, rng)
+        im, _ = sample(meta, SIZE, seed=rng.randrange(1 << 30), textures=world == "textured")
         prompts.append(meta["prompt"])
         imgs.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(SIZE, SIZE, 3))
     x = torch.stack(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -76,9 +78,12 @@ def main(argv=None) -> int:
     ap.add_argument("--config", type=Path, default=REPO / "conf/model/tiny.yaml")
     ap.add_argument("--out", type=Path, default=None, help="default: the config's package_weights folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=400)
+    ap.add_argument("--world", choices=("textured", "flat"), default="textured",
+                    help="textured: the shapes world with textures (issue 18); flat: the world before it (white "
+                         "background, flat fills), which the shipped weights were trained on")
+    ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--minutes", type=float, default=58.0,
@@ -112,7 +117,7 @@ def main(argv=None) -> int:
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     lr_vae = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, a.vae_steps, 20))
     for step in range(a.vae_steps):
-        _, x = batch(step, a.vae_batch, a.seed)
+        _, x = batch(step, a.vae_batch, a.seed, a.world)
         rec = vae.decoder(vae.encode_bits(x, vae_hws, straight_through=True)[1][:, :, 0])
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
         opt.zero_grad()
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
     t1, stopped = time.time(), None
     ema = None
     for step in range(a.steps):
-        prompts, x = batch(10_000_000 + step, a.batch, a.seed)
+        prompts, x = batch(10_000_000 + step, a.batch, a.seed, a.world)
         with torch.no_grad():
             bits, _ = vae.encode_bits(x, vae_hws)
         kv, lens = text.encode(prompts)   # with gradients: the text encoder is trained too

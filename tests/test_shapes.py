@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from eval.shapes.scorer import detect, label4, score_image
-from eval.shapes.world import (BG_AMP, COLORS, FAMILIES, FILL_AMP, TAGS, Obj, Texture, make_prompt, prompt_set,
-                               random_texture, render, sample)
+from eval.shapes.world import (BG_AMP, COLORS, FAMILIES, FILL_AMP, TAGS, Obj, make_prompt, prompt_set, random_texture,
+                               render, sample, with_background)
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -142,11 +142,26 @@ def test_textures_are_seeded_and_vary():
     b = [np.asarray(sample(m, 64, seed=i)[0]) for i, m in enumerate(metas[:12])]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(np.asarray(sample(metas[0], 64, seed=0)[0]), np.asarray(sample(metas[0], 64, seed=1)[0]))
-    fams = {m["background"] for m in metas}
-    assert fams == set(FAMILIES)
-    named = [m for m in metas if m["background_named"]]
-    assert 0.3 < len(named) / len(metas) < 0.7 and all(" on " in m["prompt"] for m in named)
-    assert max(len(m["prompt"].encode()) for m in metas) <= 64   # conf/model/tiny.yaml text_maxlen
+    rng = random.Random(0)
+    train = [with_background(m, rng) for m in metas]
+    assert {m["background"] for m in train} == set(FAMILIES)
+    named = [m for m in train if m["background_named"]]
+    assert 0.3 < len(named) / len(train) < 0.7 and all(" on " in m["prompt"] for m in named)
+    assert max(len(m["prompt"].encode()) for m in train) <= 64   # text_maxlen of a textured-world model
+    assert all("background" not in m and " on " not in m["prompt"] for m in metas)   # ShapesEval prompts
+
+
+def test_flat_world_and_prompts_are_the_pre_texture_ones():
+    """The ShapesEval prompts and ``sample(textures=False)`` are byte-for-byte the world before issue 18 (checked
+    against that code once, pinned here): the shipped weights (trained on it) keep their score and
+    ``train_tiny.py --world flat`` their reproduction."""
+    import hashlib
+
+    metas = prompt_set(20, seed=0)
+    h = hashlib.sha256(json.dumps(metas, sort_keys=True).encode())
+    for i, m in enumerate(metas):
+        h.update(np.asarray(sample(m, 64, seed=i, textures=False)[0]).tobytes())
+    assert h.hexdigest() == "6e5613285cd4f0c6384efa13baa17b9570dd0106d945f128886f9dbd72766871"
 
 
 def test_label4_is_four_connected_in_raster_order():

@@ -17,8 +17,9 @@ image is not determined by its layout: the scales that resolve a texture have re
   noise     smooth noise (Gaussian-filtered white noise at a random correlation length)
   checks    a checkerboard of sine waves at a random period and phase
 
-The background family is named in the prompt for half of the prompts ("a red circle on stripes"), so the text
-conditions part of the detail and leaves the rest to chance. Textures stay inside bounds that keep ShapesEval exact
+In training data (``with_background``) the background family is named in the prompt half of the time ("a red circle
+on stripes"), so the text conditions part of the detail and leaves the rest to chance; the ShapesEval prompts
+(``prompt_set``) name none and are the same as before the textures. Textures stay inside bounds that keep ShapesEval exact
 (``tests/test_shapes.py``): the background is grey-darkened by at most ``BG_AMP`` per channel (L2 from white
 < the scorer's 60), object fills move by at most ``FILL_AMP`` per channel around their colour (every object pixel
 stays > 150 from white and its median names the colour).
@@ -98,11 +99,14 @@ def _objects_prompt(tag: str, rng: random.Random) -> dict:
 
 
 def make_prompt(tag: str, rng: random.Random) -> dict:
-    """One GenEval-style metadata record for a tag, with its background family (``background``) and whether the
-    prompt names it (``background_named``; then the prompt ends in " on <family>")."""
-    meta = _objects_prompt(tag, rng)
-    meta["background"] = rng.choice(FAMILIES)
-    meta["background_named"] = rng.random() < 0.5
+    """One GenEval-style metadata record for a tag (the ShapesEval prompts: they name no background)."""
+    return _objects_prompt(tag, rng)
+
+
+def with_background(meta: dict, rng: random.Random) -> dict:
+    """The record with a background family (``background``) and whether the prompt names it (``background_named``,
+    half the time; then the prompt ends in " on <family>"). Training data (scripts/train_tiny.py --world textured)."""
+    meta = dict(meta, background=rng.choice(FAMILIES), background_named=rng.random() < 0.5)
     if meta["background_named"]:
         meta["prompt"] += f" on {BG_WORDS[meta['background']]}"
     return meta
@@ -213,11 +217,14 @@ def render(objs: list[Obj], size: int, background: Texture | None = None):
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
-def sample(meta: dict, size: int = 64, seed: int = 0):
+def sample(meta: dict, size: int = 64, seed: int = 0, textures: bool = True):
     """A ground-truth image of the prompt (PIL) and its objects (with their fill textures). The background family
-    is the metadata's (drawn when absent); its parameters and the fills are drawn from the seed."""
+    is the metadata's (drawn when absent); its parameters and the fills are drawn from the seed.
+    ``textures=False``: the flat world before issue 18 (white background, flat fills; the same pixels as then)."""
     rng = random.Random(seed)
     objs = layout(meta, size, rng)
+    if not textures:
+        return render(objs, size), objs
     bg = random_texture(meta.get("background") or rng.choice(FAMILIES), BG_AMP, rng)
     objs = [Obj(o.shape, o.color, o.box, random_texture(rng.choice(FAMILIES), FILL_AMP, rng)) for o in objs]
     return render(objs, size, bg), objs
