@@ -1,92 +1,347 @@
-"""Latency of each method against method=none, measured in ONE process, beside the FLOP-ideal ratio.
+"""Latency of each method against method=none (and the official code), in ONE process, beside the FLOP-ideal ratio.
 
     python scripts/bench_speed.py                                   # tiny model, CPU (labelled)
-    python scripts/bench_speed.py --model infinity_2b --methods none,nova,fastvar,skipvar,sparsevar
-    python scripts/bench_speed.py --model infinity_2b --random-weights --set nova.t_star=6   # no weights: speed only
+    python scripts/bench_speed.py --model infinity_mid_random --official ~/Infinity --profile --set nova.t_star=6
+    python scripts/bench_speed.py --model infinity_2b --random-weights --official ~/Infinity --set nova.t_star=6
 
-Methods are timed round-robin (none, A, B, ..., none, A, B, ...) after a warmup, on the same prompts and seeds, so
-drift affects all alike; the table reports medians. ``--random-weights`` builds the architecture with seeded weights
-(for speed only: images and any entropy-driven decision are meaningless then; pin them with --set, e.g. NOVA's t_star).
+What is timed: the scale loop of one image (text-encoder output cached, so the T5 is not timed; VAE decode
+excluded), for ``method=none``, each method, and with ``--official PATH`` the official FoundationVision/Infinity
+``autoregressive_infer_cfg`` built from the checkout at PATH with the SAME weights (our state dict loaded into it),
+architecture, schedule and sampling settings (``varbench/harness/official.py``; SDPA stands in for flash-attn when
+it is not installed, and the table says so). Runs are round-robin: each round runs every runner once per prompt,
+and the order of the runners rotates from round to round, so load drift hits all alike. The table prints the
+per-image latency's min / median / max over the rounds and the spread (max-min)/median; a wide spread prints a
+warning (trust the ratio of minima more than that of medians then). ``--threads``/``--pin`` fix the thread count
+and the CPU affinity. ``--profile`` adds a breakdown per image from ``torch.profiler`` ranges
+(``varbench/profiling.py``): blocks, attention, KV cache, head, sampling and the method's bookkeeping.
+
+``--random-weights`` builds the architecture with seeded weights (speed only: images and any entropy-driven
+decision are meaningless then; pin them with --set, e.g. NOVA's t_star).
 """
 import argparse
+import dataclasses
+import os
+import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from varbench.errors import UserError, did_you_mean  # noqa: E402  (light: no torch)
+
 PROMPTS = ["a red circle", "a blue square and a yellow triangle", "three triangles", "a square left of a circle"]
+
+
+def conf_names(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def check_name(group: str, name: str) -> None:
+    known = conf_names(group)
+    if name not in known:
+        raise UserError(f"unknown {group} {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
+
+
+def register() -> None:
+    """The methods' Hydra schemas; a family whose module does not import (work in progress elsewhere) is left out,
+    so it fails only if it is asked for."""
+    from hydra.core.config_store import ConfigStore
+
+    from varbench.harness.registry import METHODS, method_class, register_configs
+
+    try:
+        register_configs()
+    except ImportError:
+        for family in METHODS:
+            try:
+                ConfigStore.instance().store(group="method", name=f"_{family}", node=method_class(family).Config)
+            except ImportError:
+                pass
 
 
 def compose(group: str, name: str, sets: list[str]) -> dict:
     from hydra import compose as hcompose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    register()
     over = [f"{group}={name}"] + [f"{group}.{s.split('.', 1)[1]}" for s in sets if s.split(".", 1)[0] in (name, group)]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         return OmegaConf.to_container(getattr(hcompose("config", overrides=over), group), resolve=True)
 
 
-def main(argv=None) -> int:
+def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--methods", default="none,nova,fastvar,skipvar,sparsevar")
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=2, help="prompts per round (one image each)")
+    ap.add_argument("--repeats", type=int, default=5, help="round-robin rounds (the spread is over these)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per runner before timing")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--set", action="append", default=[], help="<method or model>.<key>=<value>, e.g. nova.t_star=6")
-    a = ap.parse_args(argv)
+    ap.add_argument("--official", metavar="PATH", help="a FoundationVision/Infinity checkout: time it beside ours")
+    ap.add_argument("--profile", action="store_true", help="add a per-image breakdown from torch.profiler ranges")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
+    ap.add_argument("--pin", default="", help="CPU affinity, e.g. 0,1 or 0-3 (Linux)")
+    ap.add_argument("--spread-warn", type=float, default=0.10, help="warn when (max-min)/median exceeds this")
+    return ap.parse_args(argv)
+
+
+def parse_cpus(spec: str) -> set[int]:
+    cpus = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--pin must list CPUs like 0,1 or 0-3, got {spec!r}") from None
+    return cpus
+
+
+def validate(a) -> None:
+    """Every name and path checked, one line each, before anything heavy is imported or loaded."""
+    check_name("model", a.model)
+    names = [n for n in a.methods.split(",") if n]
+    if not names:
+        raise UserError("--methods is empty")
+    for n in names:
+        check_name("method", n)
+    for s in a.set:
+        if "=" not in s or "." not in s.split("=", 1)[0]:
+            raise UserError(f"--set wants <method or model>.<key>=<value>, got {s!r}")
+    if a.prompts < 1 or a.repeats < 1 or a.warmup < 0:
+        raise UserError("--prompts and --repeats must be >= 1, --warmup >= 0")
+    if a.official:
+        from varbench.harness.official import check_checkout
+
+        check_checkout(a.official)
+    if a.pin:
+        cpus = parse_cpus(a.pin)
+        if not hasattr(os, "sched_setaffinity"):
+            raise UserError("--pin needs os.sched_setaffinity (Linux)")
+        bad = cpus - os.sched_getaffinity(0)
+        if bad:
+            raise UserError(f"--pin {a.pin}: CPUs {sorted(bad)} are not available to this process")
+
+
+def fmt_bytes(n) -> str:
+    return "—" if not n else f"{n / 2**20:.0f} MiB"
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    validate(a)
+    if a.pin:
+        os.sched_setaffinity(0, parse_cpus(a.pin))
 
     import torch
 
-    from varbench.flops import flops_for_backbone
+    from varbench import profiling
+    from varbench.backbones.infinity.model import CrossAttention
+    from varbench.flops import generation_flops
+    from varbench.harness.registry import build_backbone, build_method
     from varbench.harness.runner import resolve_device
     from varbench.loop import generate
-    from varbench.harness.registry import build_backbone, build_method
+    from varbench.records import sync
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device, dtype = resolve_device(a.device, a.dtype)
     mcfg = compose("model", a.model, a.set)
+    names = [n for n in a.methods.split(",") if n]
+    names = ["none"] + [n for n in names if n != "none"]
+    mcfgs = {n: compose("method", n, a.set) for n in names}
+    methods = {n: build_method(c) for n, c in mcfgs.items()}  # option errors surface here, before the model
     if a.random_weights:
         mcfg["files"] = None
     bb = build_backbone(mcfg, device, dtype)
-    names = a.methods.split(",")
-    if names[0] != "none":
-        names = ["none"] + [n for n in names if n != "none"]
-    methods = {n: build_method(compose("method", n, a.set)) for n in names}
+    official = None
+    if a.official:
+        from varbench.harness.official import build_official
+
+        if mcfg.get("family") != "infinity":
+            raise UserError(f"--official compares with FoundationVision/Infinity; model {a.model!r} is "
+                            f"{mcfg.get('family')!r}")
+        official = build_official(a.official, bb, mcfg)
     prompts = (PROMPTS * (a.prompts // len(PROMPTS) + 1))[: a.prompts]
 
-    def one(m, p, seed):
-        return generate(bb, [p], m, torch.Generator(device=bb.device).manual_seed(seed))
+    # the T5 is not timed: both sides get the same cached text features
+    text_fn, cache = bb.text, {}
 
-    for m in methods.values():
-        for w in range(a.warmup):
-            one(m, prompts[0], 0)
-    times = {n: [] for n in names}
-    flops = {n: [] for n in names}
+    def cached_text(ps):
+        key = tuple(ps)
+        if key not in cache:
+            cache[key] = text_fn(ps)
+        return cache[key]
+
+    bb.text = cached_text
+    feats = {p: cached_text([p]) for p in prompts}
+
+    def ours(m):
+        def run(i, p):
+            out = generate(bb, [p], m, torch.Generator(device=bb.device).manual_seed(i))
+            return out.record.total_time_s - out.record.decode_time_s, out
+        return run
+
+    def theirs(i, p):
+        sync(bb.device)
+        t0 = time.perf_counter()
+        official.generate(feats[p], i)
+        sync(bb.device)
+        return time.perf_counter() - t0, None
+
+    runners = {n: ours(m) for n, m in methods.items()}
+    if official is not None:
+        runners = {"official": theirs, **runners}
+    order = list(runners)
+
+    t_warm = time.perf_counter()
+    for n in order:
+        for _ in range(a.warmup):
+            runners[n](0, prompts[0])
+    t_warm = time.perf_counter() - t_warm
+
+    per_round = {n: [] for n in order}  # mean per-image latency of each round
+    flops, peak = {n: [] for n in order}, {n: 0 for n in order}
     for r in range(a.repeats):
+        rot = order[r % len(order):] + order[: r % len(order)]
+        sums = {n: 0.0 for n in order}
         for i, p in enumerate(prompts):
-            for n, m in methods.items():
-                out = one(m, p, i)
-                times[n].append(out.record.total_time_s)
-                if r == 0:
-                    rec = {"scale_hw": out.record.scale_hw, "tokens": out.record.tokens, "kv_len": out.record.kv_len,
-                           "rows": out.record.rows, "text_len": out.record.text_len, "batch": 1}
-                    flops[n].append(flops_for_backbone(rec, bb))
-    label = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    weights = "random weights (speed only)" if (a.random_weights or not mcfg.get("files")) else "official weights"
-    print(f"# {a.model} on {label}, {dtype}, {weights}; {len(prompts)} prompts x {a.repeats} repeats, medians")
-    print("| method | latency (s) | speedup vs none | FLOP-ideal speedup |")
-    print("|---|---|---|---|")
-    base_t, base_f = statistics.median(times["none"]), sum(flops["none"])
-    for n in names:
-        t = statistics.median(times[n])
-        print(f"| {n} | {t:.3f} | {base_t / t:.2f}x | {base_f / sum(flops[n]):.2f}x |")
+            for n in rot:
+                dt, out = runners[n](i, p)
+                sums[n] += dt
+                if out is not None:
+                    peak[n] = max(peak[n], out.record.peak_memory_bytes)
+                    if r == 0:
+                        flops[n].append(generation_flops(dataclasses.asdict(out.record), bb.spec))
+        for n in order:
+            per_round[n].append(sums[n] / len(prompts))
+    if official is not None:
+        flops["official"] = flops["none"]
+
+    equality = equality_check(bb, official, prompts[0], CrossAttention) if official is not None else None
+
+    prof = profile(bb, methods, prompts, generate, profiling) if a.profile else None
+
+    # ---------------------------------------------------------------- the table
+    if device.startswith("cuda"):
+        label = torch.cuda.get_device_name()
+    else:
+        label = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+    aff = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    weights = ("random weights (speed only)" if (a.random_weights or (not mcfg.get("files") and not mcfg.get("package_weights")))
+               else "trained weights")
+    stat = {n: (min(v), statistics.median(v), max(v)) for n, v in per_round.items()}
+    print(f"# {a.model} on {label}, {dtype}, {weights}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+          f"{', pinned to CPUs ' + a.pin if a.pin else ''}{f' (affinity {aff})' if aff and not a.pin else ''}")
+    print(f"# per-image scale-loop latency (text encoder cached, no VAE decode); {len(prompts)} prompts x "
+          f"{a.repeats} round-robin rounds (rotating order) after {a.warmup} warmup run(s) per runner ({t_warm:.0f} s)")
+    if official is not None:
+        print(f"# official: FoundationVision/Infinity autoregressive_infer_cfg from {official.checkout}, our weights; "
+              f"stand-ins: {'; '.join(official.standins) or 'none (flash-attn installed)'}")
+    base, bmin = stat["none"][1], stat["none"][0]
+    bflops = sum(flops["none"])
+    print("| run | min (s) | median (s) | max (s) | spread | speedup vs none (median) | speedup (min) | "
+          "FLOP-ideal speedup | realized / ideal | latency / official (median) | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    wide = []
+    for n in order:
+        lo, med, hi = stat[n]
+        spread = (hi - lo) / med if med > 0 else 0.0
+        if spread > a.spread_warn:
+            wide.append(f"{n} {spread:.0%}")
+        ideal = bflops / sum(flops[n]) if sum(flops[n]) else float("nan")
+        real = base / med
+        vs_off = f"{med / stat['official'][1]:.2f}x" if official is not None else "—"
+        print(f"| {n} | {lo:.3f} | {med:.3f} | {hi:.3f} | {spread:.0%} | {real:.2f}x | {bmin / lo:.2f}x | "
+              f"{ideal:.2f}x | {real / ideal:.0%} | {vs_off} | {fmt_bytes(peak[n]) if n != 'official' else '—'} |")
+    if official is not None:
+        lo, med, _ = stat["official"]
+        print(f"\nours none / official: {stat['none'][1] / med:.2f}x (medians), {stat['none'][0] / lo:.2f}x (minima)")
+    if equality:
+        print(equality)
+    if wide:
+        print(f"\nWARNING: wide spread (> {a.spread_warn:.0%}): {', '.join(wide)}. The machine is loaded or noisy: the "
+              f"ratio of minima is the more trustworthy one; rerun with more --repeats, --threads/--pin, on a quiet "
+              f"machine.", file=sys.stdout)
+    if prof:
+        print("\n# profile per image (torch.profiler ranges, varbench/profiling.py; share of the profiled scale loop, "
+              "profiler overhead included" + ("; host-side ranges on GPU" if device.startswith("cuda") else "") + ")")
+        parts = profiling.PARTS
+        print("| run | loop (s) | " + " | ".join(parts) + " | other (loop, hooks' calls) |")
+        print("|---|---|" + "---|" * (len(parts) + 1))
+        for n, (wall, b) in prof.items():
+            shares = [b[p] / wall for p in parts]
+            print(f"| {n} | {wall:.3f} | " + " | ".join(f"{s:.1%}" for s in shares) + f" | {1 - sum(shares):.1%} |")
+        print("bookkeeping = the method's hooks (plan, select, gather, restore, after_layer: entropy and caches, "
+              "after_logits, after_scale)")
     return 0
 
 
+def equality_check(bb, official, prompt, CrossAttention) -> str:
+    """Same bits, same image: ours (with the official hard-coded bf16 cast before cross-attention) vs official."""
+    import torch
+
+    from varbench.loop import generate
+
+    cas = [m for m in bb.model.modules() if isinstance(m, CrossAttention)]
+    before = [m.bf16_cast for m in cas]
+    for m in cas:
+        m.bf16_cast = True
+    try:
+        out = generate(bb, [prompt], None, torch.Generator(device=bb.device).manual_seed(0))
+    finally:
+        for m, b in zip(cas, before):
+            m.bf16_cast = b
+    obits, ocodes = official.generate(bb.text([prompt]), 0)
+    same = [bool(torch.equal(x.cpu(), y.cpu())) for x, y in zip(obits, out.state.bits)]
+    frac = sum(int((x.cpu() == y.cpu()).sum()) for x, y in zip(obits, out.state.bits)) / max(
+        1, sum(y.numel() for y in out.state.bits))
+    # the image from the official loop's codes (accumulated as the official loop does) vs ours
+    summed = 0
+    for si, c in enumerate(ocodes):
+        last = si == len(ocodes) - 1
+        summed = summed + (c if last else torch.nn.functional.interpolate(c, size=(1, *bb.vae_hws[-1]),
+                                                                           mode="trilinear"))
+    with torch.autocast(bb.device.type, enabled=False):
+        oimg = bb.vae.decode(summed.squeeze(2).float()) if torch.is_tensor(summed) else None
+    if oimg is None or len(obits) != len(out.state.bits):
+        return f"end-to-end equality: official returned {len(obits)} scales of bits, ours {len(out.state.bits)}"
+    diff = (oimg.float().cpu() - out.images.cpu()).abs().max().item()
+    img = "identical images" if diff == 0 else f"images differ by max |Δ| = {diff:.3g}"
+    return (f"end-to-end equality (same seed, prompt {prompt!r}, ours with the official bf16 cast before "
+            f"cross-attention): sampled bits identical at {sum(same)}/{len(same)} scales ({frac:.4%} of bits), "
+            f"{img}")
+
+
+def profile(bb, methods, prompts, generate, profiling) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bb.device.type == "cuda" else [])
+    res = {}
+    for n, m in methods.items():
+        walls = 0.0
+        before = profiling.enabled(True)
+        try:
+            with tprofile(activities=acts) as prof:
+                for i, p in enumerate(prompts):
+                    out = generate(bb, [p], m, torch.Generator(device=bb.device).manual_seed(i))
+                    walls += sum(out.record.scale_time_s)
+        finally:
+            profiling.enabled(before)
+        b = profiling.breakdown(prof.events())
+        res[n] = (walls / len(prompts), {k: v / len(prompts) for k, v in b.items()})
+    return res
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
