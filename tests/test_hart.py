@@ -281,3 +281,12 @@ def test_qwen_text_encoder_prepends_the_system_prompt_and_keeps_the_prompt_posit
     assert seen["ids"].shape == (2, 9) and seen["ids"][:, :3].tolist() == [[ord(c) for c in "SYS"]] * 2
     assert seen["mask"][:, :3].all() and seen["mask"][0, 3:].tolist() == [1, 1, 0, 0, 0, 0]
     assert ctx[0, :, 0].tolist() == [ord("a"), ord("b"), 0, 0, 0, 0]                # prompt positions only
+
+
+def test_an_unknown_sampling_option_is_a_one_line_user_error():
+    from varbench.errors import UserError
+
+    cfg = _model_cfg("hart_tiny_random")
+    cfg["sampling"]["top_k"] = 900          # Infinity's option: HART hard-codes its top-k
+    with pytest.raises(UserError, match="top_k.*top_k_early"):
+        build_backbone(cfg, "cpu", "fp32")

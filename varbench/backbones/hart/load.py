@@ -10,6 +10,7 @@ the model config are compared with it first (``config_mismatches``): the 0.7B va
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -168,6 +169,15 @@ def check_official_configs(mcfg, paths: dict) -> list[str]:
     return out
 
 
+def sampling_from_config(s: dict) -> HARTSampling:
+    known = [f.name for f in dataclasses.fields(HARTSampling)]
+    unknown = sorted(set(s) - set(known))
+    if unknown:
+        raise UserError(f"model.sampling: unknown option(s) {', '.join(unknown)} for HART (known: {', '.join(known)}; "
+                        f"HART's top-k is hard-coded per stage: top_k_early / top_k_late / top_k_switch)")
+    return HARTSampling(**s)
+
+
 def build_hart(mcfg, device="cpu", dtype="fp32") -> HARTBackbone:
     """``mcfg``: a model config node (``conf/model/hart_0.7b.yaml``, ``hart_tiny_random.yaml``)."""
     arch, vcfg = dict(mcfg["arch"]), dict(mcfg["vae"])
@@ -192,5 +202,5 @@ def build_hart(mcfg, device="cpu", dtype="fp32") -> HARTBackbone:
         text = TinyTextEncoder(arch["context_dim"], arch["context_token"], seed + 2, device)
     tf.to(device).eval()
     vae.to(device).eval()
-    smp = HARTSampling(**dict(mcfg.get("sampling") or {}))
+    smp = sampling_from_config(dict(mcfg.get("sampling") or {}))
     return HARTBackbone(tf, vae, text, smp, mcfg.get("rule_widths"), device, dtype, mcfg.get("name", "hart"))
