@@ -594,9 +594,26 @@ def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
     return out
 
 
+FIXTURE_THREADS = 2   # shared/fixtures/*/README.md: made on CPU with 2 threads
+
+
 def check_fixture(meta_path: str | Path) -> list[Check]:
     """Dispatch on the fixture kind (Infinity / FastVAR: the same checker; SkipVAR: decisions and traces; HART, whose
-    meta has a ``transformer_config`` of model_type hart_transformer_t2i: ``varbench/harness/fixtures_hart.py``)."""
+    meta has a ``transformer_config`` of model_type hart_transformer_t2i: ``varbench/harness/fixtures_hart.py``).
+
+    CPU reductions (the VAE decoder's convolutions and norms at 1024²) depend on the number of threads: the FastVAR
+    fixture's image differs by 1.5e-3 / 3e-5 / 7.4e-4 / 5.7e-4 with 1 / 2 / 3 / 4 threads (measured). The fixtures
+    were made with 2 threads, so every check runs with 2 threads, whatever the machine (the numerics depend on the
+    number of threads, not of cores), and the caller's setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(FIXTURE_THREADS)
+    try:
+        return _check_fixture(meta_path)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_fixture(meta_path: str | Path) -> list[Check]:
     meta = json.loads(Path(meta_path).read_text())
     if (meta.get("transformer_config") or {}).get("model_type") == "hart_transformer_t2i":
         # by module path, like the registry tables: fixtures_hart builds on this module's Check / TOL / _diff

@@ -301,7 +301,16 @@ def _dist_init(shard: Shard, device: str) -> bool:
 
 
 def run(cfg: dict, overrides: list[str] | None = None) -> dict:
-    """Entry point used by ``run.py`` (``cfg`` is the resolved Hydra config as a plain dict)."""
+    """Entry point used by ``run.py`` (``cfg`` is the resolved Hydra config as a plain dict). The CPU thread count
+    it sets is restored when it returns, so an in-process run leaves its caller's setting alone."""
+    before = torch.get_num_threads()
+    try:
+        return _run(cfg, overrides)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: dict, overrides: list[str] | None = None) -> dict:
     overrides = list(overrides or [])
     stage = str(cfg.get("stage", "all"))
     if stage not in ("generate", "score", "all"):
