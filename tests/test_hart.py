@@ -10,7 +10,7 @@ from conftest import REPO, compose_method, shared_path
 
 from varbench.backbones.hart.check_config import compare_layout, layout, meta_modules
 from varbench.backbones.hart.check_config import main as check_config_main
-from varbench.backbones.hart.load import TF_FIXED, TF_KEYS, config_mismatches
+from varbench.backbones.hart.load import TF_DEFAULTS, TF_FIXED, TF_KEYS, VAE_FIXED, VAE_KEYS, config_mismatches
 from varbench.backbones.hart.model import KVCache, image_coords, rope_1d, rope_2d
 from varbench.errors import MissingWeights
 from varbench.harness.registry import build_backbone, build_method
@@ -88,20 +88,27 @@ def test_llm_folder_without_ema_weights_is_named(tmp_path, monkeypatch):
         build_backbone(cfg, "cpu", "fp32")
 
 
-def test_config_check_names_a_differing_or_unsupported_value(tmp_path, capsys):
+def test_config_check_names_a_differing_absent_or_unsupported_value(tmp_path, capsys):
     m = _model_cfg("hart_0.7b")
-    official = {k: m["arch"][v] for k, v in TF_KEYS.items()}
-    assert config_mismatches(m["arch"], official, TF_KEYS, TF_FIXED, "arch") == []
-    official.update(use_context_norm=False, attn_type="gpt2")
-    bad = config_mismatches(m["arch"], official, TF_KEYS, TF_FIXED, "arch")
-    assert any("use_context_norm" in b for b in bad) and any("attn_type" in b for b in bad)
+    official = {**{k: m["arch"][v] for k, v in TF_KEYS.items()}, **TF_FIXED}
+    assert config_mismatches(m["arch"], official, TF_KEYS, TF_FIXED, "arch", TF_DEFAULTS) == []
+    del official["use_context_norm"]            # absent from config.json: HARTForT2IConfig's default (False)
+    official.update(attn_l2_norm=False, attn_type="gpt2")
+    bad = config_mismatches(m["arch"], official, TF_KEYS, TF_FIXED, "arch", TF_DEFAULTS)
+    assert "arch.use_context_norm: config omits it: default False, ours True" in bad
+    assert "arch.attn_l2_norm: config says False, ours True" in bad and any("attn_type" in b for b in bad)
     (tmp_path / "llm").mkdir()
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "llm" / "config.json").write_text(json.dumps(official))
-    (tmp_path / "tokenizer" / "config.json").write_text(json.dumps({"vocab_size": 4096, "z_channels": 32}))
+    tok = {**{k: m["vae"][v] for k, v in VAE_KEYS.items()}, **VAE_FIXED}
+    (tmp_path / "tokenizer" / "config.json").write_text(json.dumps(tok))
     assert check_config_main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert "arch.use_context_norm: config says False, ours True" in out and "DIFFER" in out
+    assert "arch.attn_l2_norm: config says False, ours True" in out and "DIFFER" in out and "vae" not in out
+    official.update(use_context_norm=True, attn_l2_norm=True, attn_type="llama")
+    (tmp_path / "llm" / "config.json").write_text(json.dumps(official))
+    assert check_config_main([str(tmp_path)]) == 0
+    assert "MATCH" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the tiny model and the loop

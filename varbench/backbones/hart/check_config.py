@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from varbench.backbones.hart.load import (
+    TF_DEFAULTS,
     TF_FIXED,
     TF_KEYS,
+    VAE_DEFAULTS,
     VAE_FIXED,
     VAE_KEYS,
     config_mismatches,
@@ -81,10 +83,11 @@ def check(folder: Path, model_yaml: Path) -> list[str]:
     if not llm.is_dir():
         raise UserError(f"{folder}: expected the official HART folder with llm/ and tokenizer/ inside")
     out = []
-    for d, keys, fixed, pre, cfg in ((llm, TF_KEYS, TF_FIXED, "arch", arch), (tok, VAE_KEYS, VAE_FIXED, "vae", vae_cfg)):
+    for d, keys, fixed, pre, cfg, dflt in ((llm, TF_KEYS, TF_FIXED, "arch", arch, TF_DEFAULTS),
+                                           (tok, VAE_KEYS, VAE_FIXED, "vae", vae_cfg, VAE_DEFAULTS)):
         cj = d / "config.json"
         if cj.is_file():
-            out += config_mismatches(cfg, json.loads(cj.read_text()), keys, fixed, pre)
+            out += config_mismatches(cfg, json.loads(cj.read_text()), keys, fixed, pre, dflt)
         else:
             out.append(f"{cj}: not found (values not checked)")
     tf, tok_mod = meta_modules(arch, vae_cfg)

@@ -34,24 +34,46 @@ TF_FIXED = {"attn_type": "llama", "mlp_type": "llama", "disable_aln": True, "sha
 VAE_KEYS = {"vocab_size": "vocab_size", "z_channels": "z_channels", "ch": "ch", "ch_mult": "ch_mult",
             "quant_resi": "quant_resi", "share_quant_resi": "share_quant_resi"}
 VAE_FIXED = {"quantizer_type": "var_hybrid", "double_decoder": False, "quant_conv_ks": 3}
+# The official config classes' defaults (HARTForT2IConfig / HARTAutoEncoderConfig): a key absent from a
+# config.json means this value.
+TF_DEFAULTS = {"depth": 16, "embed_dim": 1024, "num_heads": 16, "mlp_ratio": 4.0, "norm_eps": 1e-6,
+               "attn_l2_norm": False, "use_context_norm": False, "context_token": 77, "context_dim": 768,
+               "patch_nums": [1, 2, 3, 4, 5, 6, 8, 10, 13, 16], "diff_width": 1024, "diff_depth": 6,
+               "num_sampling_steps": "8", "attn_type": "gpt2", "mlp_type": "gpt2", "disable_aln": False,
+               "shared_aln": False, "use_cross_attn": False, "use_timestep_embed": False, "sampler": "iddpm",
+               "diffusion_head_repeats": 1}
+VAE_DEFAULTS = {"vocab_size": 4096, "z_channels": 32, "ch": 160, "ch_mult": [1, 1, 2, 2, 4], "quant_resi": 0.5,
+                "share_quant_resi": 4, "quantizer_type": "var", "double_decoder": False, "quant_conv_ks": 3}
 
 
 def _norm(v):
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else (str(v) if isinstance(v, str) else v)
 
 
-def config_mismatches(ours: dict, official: dict, keys: dict, fixed: dict, prefix: str) -> list[str]:
-    """Differences between our arch values and an official config.json (and unsupported official values)."""
+def config_mismatches(ours: dict, official: dict, keys: dict, fixed: dict, prefix: str,
+                      defaults: dict | None = None) -> list[str]:
+    """Differences between our arch values and an official config.json (and unsupported official values). With
+    ``defaults`` (the official config class's), a key absent from the file counts as its default."""
+    defaults = defaults or {}
+
+    def value(k):
+        return (official[k], "config says") if k in official else (defaults.get(k), "config omits it: default")
+
     out = []
     for ok, key in keys.items():
-        if ok in official and _norm(official[ok]) != _norm(ours.get(key)):
-            if isinstance(official[ok], float) and isinstance(ours.get(key), (int, float)) and \
-                    math.isclose(official[ok], ours[key]):
+        if ok not in official and ok not in defaults:
+            continue
+        v, how = value(ok)
+        if _norm(v) != _norm(ours.get(key)):
+            if isinstance(v, float) and isinstance(ours.get(key), (int, float)) and math.isclose(v, ours[key]):
                 continue
-            out.append(f"{prefix}.{key}: config says {official[ok]!r}, ours {ours.get(key)!r}")
+            out.append(f"{prefix}.{key}: {how} {v!r}, ours {ours.get(key)!r}")
     for ok, want in fixed.items():
-        if ok in official and official[ok] != want:
-            out.append(f"{prefix}: {ok}={official[ok]!r} is not implemented (only {want!r})")
+        if ok not in official and ok not in defaults:
+            continue
+        v, how = value(ok)
+        if v != want:
+            out.append(f"{prefix}: {ok}={v!r} ({how}) is not implemented (only {want!r})")
     return out
 
 
@@ -162,10 +184,11 @@ def resolve(mcfg) -> dict[str, Path]:
 
 def check_official_configs(mcfg, paths: dict) -> list[str]:
     out = []
-    for role, keys, fixed, pre in (("transformer", TF_KEYS, TF_FIXED, "arch"), ("tokenizer", VAE_KEYS, VAE_FIXED, "vae")):
+    for role, keys, fixed, pre, defaults in (("transformer", TF_KEYS, TF_FIXED, "arch", TF_DEFAULTS),
+                                             ("tokenizer", VAE_KEYS, VAE_FIXED, "vae", VAE_DEFAULTS)):
         cj = Path(paths[role]) / "config.json"
         if cj.is_file():
-            out += config_mismatches(dict(mcfg[pre]), json.loads(cj.read_text()), keys, fixed, pre)
+            out += config_mismatches(dict(mcfg[pre]), json.loads(cj.read_text()), keys, fixed, pre, defaults)
     return out
 
 
