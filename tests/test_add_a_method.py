@@ -62,13 +62,17 @@ def registered(monkeypatch, tmp_path):
     return conf
 
 
-def test_a_new_method_needs_only_class_yaml_and_registry_line(registered, tmp_path):
+def _compose(conf):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(str(registered), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config", overrides=["method=every_other", "model=tiny_random"]),
-                                     resolve=True)
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=["method=every_other", "model=tiny_random"]),
+                                      resolve=True)
+
+
+def test_a_new_method_needs_only_class_yaml_and_registry_line(registered):
+    cfg = _compose(registered)
     assert cfg["method"] == {"name": "every_other", "family": "every_other", "footnote": None, "ratio": 0.5}
     bb = backbone("tiny_random")
     check_contract(bb, lambda: registry.build_method(cfg["method"]))
@@ -76,9 +80,14 @@ def test_a_new_method_needs_only_class_yaml_and_registry_line(registered, tmp_pa
     a = generate(bb, ["x"], noop, torch.Generator().manual_seed(0))
     b = generate(bb, ["x"], Method(), torch.Generator().manual_seed(0))
     assert torch.equal(a.images, b.images)
-    # and the runner takes it end to end (generate, reference, score, one table row)
+
+
+@pytest.mark.slow
+def test_the_runner_takes_the_new_method_end_to_end(registered, tmp_path):
+    """generate, reference, score, one table row: nothing else in the repository knows the method."""
     from varbench.harness.runner import run
 
+    cfg = _compose(registered)
     cfg |= {"results_root": str(tmp_path / "res"), "progress": False, "warmup": 0, "bench": cfg["bench"] | {"limit": 1}}
     out = run(cfg, ["method=every_other", "model=tiny_random"])
     assert out["metrics"]["tokens_frac"][0] < 1.0

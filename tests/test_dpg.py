@@ -83,6 +83,7 @@ def test_blip_vqa_backend_runs_on_a_tiny_random_model(tmp_path):
     assert isinstance(a, str) and a == vqa(Image.new("RGB", (64, 64)), "is there a dog?")
 
 
+@pytest.mark.slow
 def test_score_stage_on_an_external_folder_reports_missing_inputs_in_one_line(tmp_path):
     import os
     import subprocess
@@ -91,6 +92,9 @@ def test_score_stage_on_an_external_folder_reports_missing_inputs_in_one_line(tm
     from conftest import REPO
 
     (tmp_path / "imgs").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "item.png")     # a folder with images: the CSV is what's missing
     env = dict(os.environ, VARBENCH_RESULTS=str(tmp_path / "res"), VARBENCH_DATA=str(tmp_path / "data"))
     r = subprocess.run([sys.executable, "run.py", "bench=dpg", "stage=score", f"score_dir={tmp_path / 'imgs'}"],
                        cwd=REPO, capture_output=True, text=True, env=env, timeout=300)

@@ -104,13 +104,14 @@ def test_detector_postprocessing_on_tiny_random_mask2former():
             assert (x1, y1, x2, y2) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
 
 
+@pytest.mark.slow
 def test_geneval_layout_and_missing_detector_weights(tmp_path):
     data = shared_path("benchmarks")
     env = dict(os.environ, VARBENCH_DATA=str(data), VARBENCH_RESULTS=str(tmp_path), VARBENCH_WEIGHTS=str(tmp_path / "w"),
                HF_HUB_CACHE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "run.py", "bench=geneval", "bench.limit=2", "method=none", "progress=false"],
                        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    img = tmp_path / "runs/tiny/geneval/none/bench.limit=2/images"
+    img = tmp_path / "runs/tiny/geneval/none/default/images"
     for i in range(2):
         meta = json.loads((img / f"{i:05d}/metadata.jsonl").read_text())
         assert meta["prompt"] and "tag" in meta

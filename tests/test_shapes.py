@@ -70,7 +70,7 @@ def test_shapes_bench_runs_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "run.py", "bench=shapes", "bench.limit=3", "method=none", "progress=false"],
                        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
-    m = json.loads((tmp_path / "runs/tiny/shapes/none/bench.limit=3/metrics.json").read_text())
+    m = json.loads((tmp_path / "runs/tiny/shapes/none/default/metrics.json").read_text())
     assert "shapes_overall" in m and 0.0 <= m["shapes_overall"]["value"] <= 1.0
 
 
