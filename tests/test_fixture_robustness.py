@@ -79,7 +79,24 @@ def test_wrong_cache_width_fails(monkeypatch):
     _method(monkeypatch, lambda m: NoisySelection(_fastvar(cache_width=20)))
     bad = _failing(_fastvar_checks(sampled_bits=False))
     assert {"dbg_cache_b03_sa", "dbg_cache_b03_ca", "dbg_cache_b03_ffn"} <= set(bad), bad
-    assert any(n.startswith("logits_cfg_s09") for n in bad) and any(n.startswith("kv_cache_len block00") for n in bad)
+    assert any(n.startswith("logits_cfg_s09") for n in bad)
+
+
+def test_wrong_kv_cache_size_fails(monkeypatch):
+    """A backbone that caches one K/V entry too many at the pruned scales (615 and 800 kept tokens)."""
+    from varbench.backbones.infinity import model
+
+    orig = model.KVCache.append
+
+    def append(self, k, v):
+        if k.shape[2] in (615, 800):
+            k, v = torch.cat((k, k[:, :, -1:]), 2), torch.cat((v, v[:, :, -1:]), 2)
+        return orig(self, k, v)
+
+    monkeypatch.setattr(model.KVCache, "append", append)
+    bad = _failing(_fastvar_checks(sampled_bits=False))
+    assert any(n.startswith("kv_cache_len block03") for n in bad), bad
+    assert not any(n.startswith("kv_cache_len block00") for n in bad), bad
 
 
 def test_wrong_block_range_fails(monkeypatch):
