@@ -3,4 +3,6 @@ METHODS = {  # method family -> "module:Class" (imported lazily by varbench.harn
     "fastvar": "baselines.fastvar:FastVAR",
     "skipvar": "baselines.skipvar:SkipVAR",
     "sparsevar": "baselines.sparsevar:SparseVAR",
+    "sparvar": "baselines.sparvar:SparVAR",
+    "toprovar": "baselines.toprovar:ToProVAR",
 }

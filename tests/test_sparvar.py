@@ -1,0 +1,163 @@
+"""SparVAR (baselines/sparvar.py): the index arithmetic of the authors' Infinity-1M configuration (spec §2.9 items
+1-2), exactness identities of the kernels on random q/k/v (item 3), fast vs masked reference (item 4), no-op (item 5)."""
+import math
+
+import pytest
+import torch
+
+from baselines.sparvar import (SparVAR, SparVARConfig, cs4a_decide, cs4a_sparse_gather, cs4a_sparse_reference,
+                               csla_flex, csla_reference, csla_token_mask, effective_bound_layer, flex_block_mask,
+                               group_map, local_runs, offsets, tile_mask, topk_budget)
+from varbench.attention_entropy import materialised_attention_entropy  # noqa: F401  (same core, imported early)
+from varbench.flops import generation_flops
+from varbench.hooks import Method
+from varbench.loop import generate
+
+SIDES_1M = [1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64]
+HWS = [(s, s) for s in SIDES_1M]
+NS = [s * s for s in SIDES_1M]
+OFF = offsets(NS)
+
+
+def dense(q, k, v, scale=1.0):
+    p = (torch.einsum("bhqc,bhkc->bhqk", q, k) * scale).softmax(-1)
+    return torch.einsum("bhqk,bhkc->bhqc", p, v)
+
+
+# ------------------------------------------------------------------ §2.9 item 1: index arithmetic
+def test_prefix_lengths_and_decision_budget():
+    assert OFF[11] == 4121 and OFF[12] == 6425 and OFF[13] == 10521
+    assert topk_budget(4121, 0.2, 112) == 784
+    assert topk_budget(4121, 0.2, 64) == 832          # the Triton provider's alignment
+    assert topk_budget(100, 0.2, 112) == 100          # never more than the keys there are
+
+
+def test_local_runs_560_and_784():
+    starts, L, sizes = local_runs(48, 48, 7, 192, 112)
+    assert (L, max(sizes), len(starts)) == (560, 480, 12)
+    starts, L, sizes = local_runs(64, 64, 9, 192, 112)
+    assert (L, max(sizes), len(starts)) == (784, 704, 22)
+    assert int(starts.max()) + L <= 64 * 64            # runs end inside the scale
+    assert starts[0] == 0 and starts[1] == 0 and starts[2] == 2 * 64   # group 2 = rows 6-8, window rows 2-12
+
+
+def test_group_maps_9_to_12_and_12_to_22_and_keys_per_group():
+    g11 = group_map(9, 12)
+    assert g11.tolist() == [0, 1, 1, 2, 3, 4, 4, 5, 6, 7, 7, 8]
+    g12 = group_map(12, 22)
+    assert g12.tolist() == [0, 0, 1, 1, 2, 2, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 10, 10, 11, 11]
+    assert math.ceil(1600 / 192) == 9 and math.ceil(2304 / 192) == 12 and math.ceil(4096 / 192) == 22
+    assert 784 + 560 == 1344 and 1344 + 784 == 2128    # the method below builds these sets (tested end to end)
+
+
+def test_csla_tile_densities_sparsity_and_invisible_scales():
+    want = {10: (0.0320, 0.210), 11: (0.0242, 0.183), 12: (0.0192, 0.164)}
+    for si, (tok, tile) in want.items():
+        m = csla_token_mask(HWS, NS, si, 5, [1, 1, 3, 5, 7])
+        assert m.shape == (NS[si], OFF[si + 1])
+        assert abs(m.float().mean().item() - tok) < 5e-4
+        t = tile_mask(m, 128)
+        assert abs(t.float().mean().item() - tile) < 5e-4, si
+        assert [a for a in range(si + 1) if not m[:, OFF[a]:OFF[a + 1]].any()] == [5, 6, 7]
+        assert m[:, :121].all()                        # sinks: the first 5 scales
+    sparsity = 1 - tile_mask(csla_token_mask(HWS, NS, 12, 5, [1, 1, 3, 5, 7]), 128).float().mean().item()
+    assert round(100 * sparsity, 1) == 83.6 and abs(100 * sparsity - 83.5) <= 0.2   # paper: 83.5 %
+
+
+def test_bound_layer_mapping():
+    cfg = SparVARConfig()
+    assert effective_bound_layer(cfg, 32) == 10 and effective_bound_layer(cfg, 40) == 10
+    assert effective_bound_layer(cfg, 4) == 0          # round(11·4/32) − 1
+    assert effective_bound_layer(SparVARConfig(bound_layer_scaling="absolute"), 4) == 3
+
+
+# ------------------------------------------------------------------ §2.9 item 3-4: exactness on random q/k/v
+@pytest.fixture
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    rows, H, N, P, c = 2, 2, 100, 255, 16
+    return (torch.randn(rows, H, N, c, generator=g), torch.randn(rows, H, P, c, generator=g),
+            torch.randn(rows, H, P, c, generator=g))
+
+
+def test_cs4a_decide_is_dense_and_selected_plus_cache_reproduces_it(qkv):
+    q, k, v = qkv
+    out, I, sel = cs4a_decide(q, k, v, 112, 64, 0.5)
+    assert torch.allclose(out, dense(q, k, v, 0.5), atol=1e-5)
+    assert I.shape == (2, 2, 2, 112) and bool((I[..., 1:] > I[..., :-1]).all())
+    C = out - sel
+    assert torch.allclose(sel + C, out, atol=1e-6)
+    assert not torch.allclose(sel, out, atol=1e-3)     # the selection alone does not explain everything
+
+
+def test_cs4a_sparse_with_every_key_is_dense_and_gather_matches_reference(qkv):
+    q, k, v = qkv
+    allk = torch.arange(k.shape[2]).expand(2, 2, 2, -1)
+    assert torch.allclose(cs4a_sparse_reference(q, k, v, allk, 64, 0.5), dense(q, k, v, 0.5), atol=1e-5)
+    J = torch.rand(2, 2, 2, k.shape[2], generator=torch.Generator().manual_seed(1)).topk(90, -1).indices
+    ref = cs4a_sparse_reference(q, k, v, J, 64, 0.5)
+    assert torch.allclose(cs4a_sparse_gather(q, k, v, J, 64, 0.5), ref, atol=1e-5)
+    m = torch.zeros(2, 2, 2, k.shape[2], dtype=torch.bool).scatter_(3, J, True)
+    vis = m[:, :, torch.arange(100) // 64]            # per query: its group's keys
+    s = (torch.einsum("bhqc,bhkc->bhqk", q, k) * 0.5).masked_fill(~vis, float("-inf"))
+    assert torch.allclose(ref, torch.einsum("bhqk,bhkc->bhqc", s.softmax(-1), v), atol=1e-5)
+
+
+def test_csla_full_windows_is_dense_and_flex_matches_reference(qkv):
+    q, k, v = qkv
+    full = torch.ones(1, 2, dtype=torch.bool)
+    assert torch.allclose(csla_reference(q, k, v, full, 128, 0.5), dense(q, k, v, 0.5), atol=1e-5)
+    hws = [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (8, 8), (10, 10)]
+    ns = [h * w for h, w in hws]
+    assert csla_token_mask(hws, ns, 7, 0, [99] * 8).all()   # windows covering everything
+    tiles = torch.rand(4, 8, generator=torch.Generator().manual_seed(2)) < 0.4
+    tiles[:, 0] = True                                 # every query sees some key (the sinks)
+    q4 = torch.randn(2, 2, 100, 16)
+    k4, v4 = torch.randn(2, 2, 255, 16), torch.randn(2, 2, 255, 16)
+    ref = csla_reference(q4, k4, v4, tiles, 32, 0.5)
+    el = tiles.repeat_interleave(32, 0).repeat_interleave(32, 1)[:100, :255]
+    s = (torch.einsum("bhqc,bhkc->bhqk", q4, k4) * 0.5).masked_fill(~el, float("-inf"))
+    assert torch.allclose(ref, torch.einsum("bhqk,bhkc->bhqc", s.softmax(-1), v4), atol=1e-5)
+    bm = flex_block_mask(tiles, 32, 100, 255, "cpu")
+    assert torch.allclose(csla_flex(q4, k4, v4, bm, 0.5), ref, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the method on the tiny model
+def _gen(bb, m):
+    return generate(bb, ["two green circles"], m, torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_backbone):
+    return {"none": _gen(tiny_backbone, Method()), "sparvar": _gen(tiny_backbone, SparVAR()),
+            "noop": _gen(tiny_backbone, SparVAR(SparVARConfig(**SparVAR.NOOP)))}
+
+
+def test_noop_is_bit_identical(runs):
+    assert torch.equal(runs["noop"].images, runs["none"].images)
+    assert runs["noop"].record.attn_keys == runs["none"].record.attn_keys
+
+
+def test_sparvar_on_the_tiny_schedule(runs, tiny_backbone):
+    """0.25M schedule (sides ..., 20, 24, 32; T = 10): S = 7, L_b = 0 on depth 4; dense before S."""
+    a, ref = runs["sparvar"], runs["none"]
+    rec, s = a.record, a.method_summary
+    assert rec.attn_keys[:7] == ref.record.attn_keys[:7]
+    P7 = sum(n * n for n in [1, 2, 4, 6, 8, 12, 16, 20])
+    assert P7 == 921 and topk_budget(P7, 0.2, 112) == 224
+    assert s["attn_keys"]["cs4a"] == {"7": 1.5 * 921 + 224, "8": 224 + 336, "9": 224 + 336 + 448}
+    assert rec.attn_keys[9][0] == 1008 and all(rec.attn_keys[9][li] < rec.kv_len[9][li] for li in range(4))
+    assert s["kernels"] == {"cs4a_decide": "reference", "cs4a": "reference", "csla": "reference"}
+    assert set(s["csla_tile_density"]) == {"7", "8", "9"}
+    assert not torch.equal(a.images, ref.images) and torch.isfinite(a.images).all()
+    spec = tiny_backbone.spec
+    assert generation_flops(rec.per_image()[0], spec) < generation_flops(ref.record.per_image()[0], spec)
+
+
+def test_bad_options_are_one_line_errors():
+    from varbench.errors import UserError
+
+    with pytest.raises(UserError, match="kernel"):
+        SparVARConfig(kernel="triton")
+    with pytest.raises(UserError, match="topk_ratio"):
+        SparVARConfig(topk_ratio=0.0)

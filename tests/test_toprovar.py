@@ -1,0 +1,135 @@
+"""ToProVAR (baselines/toprovar.py) and the exact streaming attention entropy (varbench/attention_entropy.py):
+spec §3.8 items 1, 3-6 on random tensors and the tiny model."""
+import math
+
+import pytest
+import torch
+
+from baselines.toprovar import (ToProVAR, ToProVARConfig, depth_test, layer_score, low_entropy_ratio,
+                                prune_probability)
+from varbench.attention import sdpa_attention
+from varbench.attention_entropy import materialised_attention_entropy, streaming_attention_entropy
+from varbench.hooks import Method
+from varbench.loop import generate
+
+
+# ------------------------------------------------------------------ §3.8 item 1: FAE exactness
+def printed_algorithm2_entropy(z: torch.Tensor, tile: int) -> float:
+    """The paper's printed update (running Σ p̃ ln p̃ rescaled by exp(m_old − m_new) only), returned as +H."""
+    m, l, s = -math.inf, 0.0, 0.0
+    for t in z.split(tile):
+        m_new = max(m, float(t.max()))
+        a = math.exp(m - m_new) if m > -math.inf else 0.0
+        p = torch.exp(t - m_new)
+        l = l * a + float(p.sum())
+        s = s * a + float((p * (t - m_new)).sum())
+        m = m_new
+    return -(s / l - math.log(l))
+
+
+def test_streaming_entropy_equals_materialised_on_ascending_tiles():
+    """Logits ascending across key chunks move the running max at every chunk (the rescale the paper misprints)."""
+    z = torch.linspace(-4.0, 12.0, 64)
+    q = z.view(1, 1, 1, 64).clone()
+    k = torch.eye(64).view(1, 1, 64, 64)              # q·k_j = z_j
+    ref = materialised_attention_entropy(q, k, scale=1.0)
+    _, H = streaming_attention_entropy(q, k, scale=1.0, k_chunk=8)
+    assert abs(float(H) - float(ref)) < 1e-5
+    assert abs(printed_algorithm2_entropy(z, 8) - float(ref)) > 1e-2    # the printed update is not exact here
+
+
+def test_streaming_entropy_and_output_on_random_adversarial_logits():
+    g = torch.Generator().manual_seed(0)
+    rows, H, Lq, Lk, c = 2, 3, 37, 301, 16
+    q = torch.randn(rows, H, Lq, c, generator=g) * 3
+    k = torch.randn(rows, H, Lk, c, generator=g)
+    k = k * torch.linspace(0.1, 4.0, Lk).view(1, 1, Lk, 1)          # key norms grow along the key axis
+    v = torch.randn(rows, H, Lk, c, generator=g)
+    mask = torch.rand(rows, 1, Lq, Lk, generator=g) > 0.3
+    for m in (None, mask):
+        ref = materialised_attention_entropy(q, k, scale=0.7, mask=m)
+        for kc, qc in ((7, 5), (64, 1024), (1024, 16)):
+            out, Hs = streaming_attention_entropy(q, k, v, scale=0.7, mask=m, k_chunk=kc, q_chunk=qc,
+                                                  want_output=True)
+            assert torch.allclose(Hs, ref, atol=1e-5, rtol=0), (kc, qc)
+            assert torch.allclose(out, sdpa_attention(q, k, v, scale=0.7, mask=m), atol=1e-5)
+
+
+# ------------------------------------------------------------------ §3.8 items 3-5: D, SVD score, gate
+def test_depth_test_directions_and_guard():
+    rhos = {0: 0.0, 1: 0.6, 2: 0.55, 3: 0.5, 4: 0.45, 5: 0.41, 6: 0.39, 7: 0.3}
+    assert depth_test(rhos, 6, 0.4, "le") and not depth_test(rhos, 6, 0.4, "ge")
+    assert depth_test(rhos, 6, 0.4, "auto")            # ρ fell since scale 1: le
+    up = {0: 0.0, 1: 0.2, 2: 0.3, 6: 0.45}
+    assert depth_test(up, 6, 0.4, "auto") and depth_test(up, 6, 0.4, "ge")
+    assert not any(depth_test(rhos, s, 2.0, "ge") for s in rhos)   # never crossed
+    assert low_entropy_ratio(torch.tensor([1.0, 1.0, 1.0, 5.0])) == 0.75
+
+
+def test_layer_score():
+    g = torch.Generator().manual_seed(0)
+    u, w = torch.randn(16, 1, generator=g), torch.randn(1, 16, generator=g)
+    rank1 = u @ w + 1e-6 * torch.randn(16, 16, generator=g)
+    vr, R = layer_score(rank1, 1.0)
+    assert vr > 1e3 and R < 1e-6
+    vr_iid, R_iid = layer_score(torch.randn(16, 16, generator=g), 1.0)
+    assert 1.0 <= vr_iid < 2.0 and abs(R_iid - math.exp(-(vr_iid - 1))) < 1e-12
+    Rs = [layer_score(torch.diag(torch.tensor([r, 1.0, 0.5])), 0.5)[1] for r in (1.0, 2.0, 4.0)]
+    assert Rs[0] == 1.0 and Rs[0] > Rs[1] > Rs[2] >= 0
+
+
+def test_gate():
+    H = torch.rand(1, 256, generator=torch.Generator().manual_seed(0)) + 0.5
+    _, p0 = prune_probability(H, 0.8, 0.0, 0.0, 0.9, "mean")
+    assert float(p0.sum()) == 0.0                       # R = 0: Global layer, nothing pruned
+    counts = [float(prune_probability(H, phi, R, 0.0, 0.9, "mean")[1].sum()) for phi, R in
+              ((0.5, 0.5), (0.8, 0.5), (0.8, 0.9))]
+    assert counts[0] < counts[1] < counts[2]            # monotone in φ and R
+    q, _ = prune_probability(H, 0.8, 0.9, 0.0, 0.9, "mean")
+    from varbench.tokens import Selection
+    kept = Selection.top_k(-q, 200).keep_idx[0]
+    pruned = sorted(set(range(256)) - set(kept.tolist()))
+    assert float(H[0, pruned].min()) >= float(H[0, kept].max())   # pruned = the highest-entropy tokens
+    _, ps = prune_probability(H, 0.8, 0.9, 0.1, 0.9, "sum")       # literal Eq. 5: gate ≈ α_min
+    assert abs(float(ps.mean()) - 0.1) < 0.01
+
+
+# ------------------------------------------------------------------ the method on the tiny model
+def _gen(bb, m):
+    return generate(bb, ["two green circles"], m, torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def none_run(tiny_backbone):
+    return _gen(tiny_backbone, Method())
+
+
+@pytest.mark.parametrize("opts", [ToProVAR.NOOP, {"alpha_max": 0.0}])
+def test_inactive_settings_are_bit_identical_to_none(opts, tiny_backbone, none_run):
+    out = _gen(tiny_backbone, ToProVAR(ToProVARConfig(**opts)))
+    assert torch.equal(out.images, none_run.images) and out.record.tokens == none_run.record.tokens
+
+
+def test_pruned_tokens_skip_the_layer_and_add_no_kv(tiny_backbone, none_run):
+    m = ToProVAR(ToProVARConfig(beta=1e-4, d_direction="ge", tau=0.3))   # R ≈ 1: every layer Detail
+    out = _gen(tiny_backbone, m)
+    s, rec = out.method_summary, out.record
+    assert s["D"] == 7 and min(s["R"]) > 0.1
+    pruned = 0
+    for si in range(7, 10):
+        ks = s["kept"][str(si)]
+        for li, K in enumerate(ks):
+            assert rec.tokens[si][li] == K
+            assert rec.kv_len[si][li] - rec.kv_len[si - 1][li] == K        # only kept tokens' K/V
+            pruned += rec.scale_n[si] - K
+    assert pruned > 0 and rec.tokens[:7] == none_run.record.tokens[:7]
+    assert s["kernel"] == "streaming_entropy+sdpa"
+
+
+def test_bad_options_are_one_line_errors():
+    from varbench.errors import UserError
+
+    with pytest.raises(UserError, match="d_direction"):
+        ToProVARConfig(d_direction="up")
+    with pytest.raises(UserError, match="alpha"):
+        ToProVARConfig(alpha_max=1.5)
