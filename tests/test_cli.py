@@ -68,13 +68,14 @@ BAD = [  # (arguments, a phrase the one line must contain)
     (["bench.limit=abc"], "bench.limit must be an integer"),
     (["seed=abc"], "seed must be an integer"),
     (["batch_size=0"], "batch_size must be >= 1"),
-    (["method.alpha=abc"], "alpha"),
-    (["method.alpah=0.3"], "alpah"),
+    (["method.alpha=abc"], "Value 'abc' of type 'str' could not be converted to Float"),
+    (["method.alpah=0.3"], "method.alpah is not an option of NovaConfig (did you mean 'alpha'?)"),
     (["method.r_max=1.5"], "[0, 1]"),
     (["stage=scor"], "stage must be"),
     (["shard.index=3", "shard.count=2"], "shard.index must be < shard.count"),
     (["device=tpu"], "device must be"),
     (["method=skipvar", "model=hart_tiny_random"], "supports backbone families infinity"),
+    (["results_root=/dev/null/results"], "Not a directory: /dev/null"),
 ]
 
 

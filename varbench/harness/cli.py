@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
+from dataclasses import fields
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from varbench.errors import UserError, did_you_mean
 from varbench.harness.registry import register_configs
 from varbench.harness.runner import run
+from varbench.hooks import MethodConfig
 from varbench.resources import conf_dir
 
 CONF = conf_dir()
@@ -65,11 +66,39 @@ def preflight(args: list[str]) -> None:
         with initialize_config_dir(str(CONF), version_base="1.3"):
             cfg = compose("config", overrides=args)
         OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf raise many kinds; we print their first useful line
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines[1:] if not ln.startswith(("full_key", "object_type", "reference_type"))), "")
-        first = lines[0] if lines else type(e).__name__
-        _fail(first + (f": {detail}" if detail and detail not in first else ""))
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf raise many kinds; we print their first useful lines
+        _fail(compose_error(e))
+
+
+def compose_error(e: BaseException) -> str:
+    """One line from a Hydra/OmegaConf composition error: what was wrong, with the cause and a suggestion."""
+    text = str(e) + ("\n" + str(e.__cause__) if e.__cause__ else "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("full_key", "object_type", "reference_type", "To append"))]
+    missing = re.search(r"Key '([^']+)' not in '(\w+)'", text)
+    if missing:
+        key, where = missing.groups()
+        full = re.search(r"full_key: ([\w.]+)", text)
+        group = full.group(1).rsplit(".", 1)[0] if full else ""
+        known = _known_options(group, text)
+        return f"{(group + '.') if group else ''}{key} is not an option of {where}{did_you_mean(key, known)}"
+    return ": ".join(dict.fromkeys(useful[:2])) or type(e).__name__
+
+
+def _known_options(group: str, text: str) -> list[str]:
+    if group != "method":
+        return []
+    classes = {c.__name__: c for c in _subclasses(MethodConfig)}
+    m = re.search(r"object_type=(\w+)", text)
+    cls = classes.get(m.group(1)) if m else None
+    return [f.name for f in fields(cls)] if cls else []
+
+
+def _subclasses(cls) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub] + _subclasses(sub)
+    return out
 
 
 @hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
@@ -81,6 +110,8 @@ def _task(cfg: DictConfig):
         _fail(str(e))
     except PermissionError as e:
         _fail(f"permission denied: {e.filename} (set results_root to a writable folder)")
+    except (NotADirectoryError, FileExistsError, IsADirectoryError) as e:
+        _fail(f"{e.strerror}: {e.filename} (check results_root / run_dir)")
 
 
 def main(argv: list[str] | None = None) -> None:
