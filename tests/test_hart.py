@@ -297,3 +297,14 @@ def test_an_unknown_sampling_option_is_a_one_line_user_error():
     cfg["sampling"]["top_k"] = 900          # Infinity's option: HART hard-codes its top-k
     with pytest.raises(UserError, match="top_k.*top_k_early"):
         build_backbone(cfg, "cpu", "fp32")
+
+
+def test_the_unverified_switches_change_the_layout_as_the_official_classes_do():
+    """attn_l2_norm off: no scale_mul_1H11 (softmax scale 0.25/√c); use_context_norm off: no context_norm.weight."""
+    cfg = _model_cfg("hart_tiny_random")
+    cfg["arch"].update(attn_l2_norm=False, use_context_norm=False)
+    bb = build_backbone(cfg, "cpu", "fp32")
+    keys = set(bb.model.state_dict())
+    assert not any(k.endswith("scale_mul_1H11") for k in keys) and "context_norm.weight" not in keys
+    assert bb.model.blocks[0].attn.scale == 0.25 / (128 // 2) ** 0.5
+    assert torch.isfinite(_gen(bb).images).all()
