@@ -160,6 +160,8 @@ class ToProVAR(Method):
         m, src = hit
         if m.shape[0] != rows:
             m = m[:rows]
+        if m.shape[1] != src[0] * src[1]:     # HART's scale 0 (text-context tokens, no grid): its mean everywhere
+            return m.mean(1, keepdim=True).expand(-1, n).contiguous()
         if tuple(src) == tuple(hw) and m.shape[1] == n:
             return m
         return resize_grid(m[..., None], src, hw, "bilinear")[..., 0]

@@ -161,3 +161,14 @@ def test_bad_options_are_one_line_errors():
         SparVARConfig(kernel="triton")
     with pytest.raises(UserError, match="topk_ratio"):
         SparVARConfig(topk_ratio=0.0)
+
+
+def test_hart_csla_geometry():
+    """HART-0.7B (14 scales, 300 text-context tokens at scale 0): the CSLA file's sink = 354 keys, CSLA at 11-13."""
+    pn = [1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64]
+    hws, ns = [(p, p) for p in pn], [300] + [p * p for p in pn[1:]]
+    for si in (11, 12, 13):
+        m = csla_token_mask(hws, ns, si, 5, [1, 1, 1, 3, 5, 7])
+        assert m[:, :354].all() and not m[:, 354:offsets(ns)[8]].any()     # scales 5-7 (7², 9², 12²) invisible
+    cfg = SparVARConfig(cs4a=False, bound_layer=-1, bound_layer_scaling="absolute", csla_windows=[1, 1, 1, 3, 5, 7])
+    assert SparVAR(cfg).decision_si(14) == 11 and effective_bound_layer(cfg, 24) == -1
