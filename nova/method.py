@@ -38,10 +38,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from nova.plots import plot_entropy_activation
 from varbench.attention import reference_attention
 from varbench.entropy import token_entropy
 from varbench.errors import UserError
@@ -125,7 +128,7 @@ class NovaConfig(MethodConfig):
     clip_scale_ratio: str = "before_layer"  # before_layer | after_layer_only (clip Ratio_t before Eq. 13, or not)
     scale_linkage: bool = True        # Eq. 11; False requires fixed_ratios
     layer_linkage: bool = True        # Eqs. 12-13
-    fixed_ratios: dict | None = None  # {grid width: ratio}: Table 5's baseline schedules instead of Eq. 11
+    fixed_ratios: Any = None          # {grid width: ratio} (Any: a CLI dict replaces None): Table 5's baseline schedules instead of Eq. 11
     selection: str = "entropy"        # entropy | mse | attn (Table 4)
     ratio_one_means: str = "bypass_blocks"  # bypass_blocks | skip_scale (a fixed ratio of 1 skips the scale)
     entropy_branch: str = "guided"    # guided | cond
@@ -410,3 +413,9 @@ class Nova(Method):
         if raw:
             out["scale_ratio_clip_rate"] = (sum(not 0.0 <= r <= 1.0 for r in raw) / len(raw), len(raw))
         return out
+
+    @classmethod
+    def report(cls, records: list[dict], out_dir, title: str = "") -> list:
+        """Fig. 4b / Fig. 8: entropy per scale with the activation scale, and the distribution of t*."""
+        png = plot_entropy_activation(records, Path(out_dir) / "entropy_activation.png", title)
+        return [png] if png else []
