@@ -367,6 +367,8 @@ def forced_from_fixture(t: dict, meta: dict, branches) -> dict:
         si, ref = int(key[len("kept_idx_s"):]), t[key].long()
         if ref.shape[1] != len(branches):
             raise UserError(f"{key}: {ref.shape[1]} branches in the fixture, the backbone has {list(branches)}")
+        if not (meta.get("pruned") or {}).get("blocks"):
+            raise UserError(f"{key}: the meta file names no pruned.blocks [first, last] for its block axis")
         b0 = int(meta["pruned"]["blocks"][0])
         for bi in range(ref.shape[0]):
             for br, name in enumerate(branches):
