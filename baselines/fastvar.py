@@ -106,8 +106,20 @@ class FastVAR(Method):
             self.cache.put(key, y_kept - x_in, lctx.scale.hw)
             return y_kept
         if key not in self.cache:
-            raise RuntimeError(f"FastVAR: no cache scale of width {self.cfg.cache_width} ran before scale {lctx.si}")
+            raise UserError(f"{self.name}: no scale of width {self.cfg.cache_width} (the cache scale) ran before scale "
+                            f"{lctx.si}; this schedule's widths: {[s.rule_w for s in lctx.scale.schedule]} "
+                            f"(set cache_width, or use the method config made for this model)")
         return sel.scatter(y_kept, self.cache.restore(key, x_in, lctx.scale.hw, self.cfg.interp))
 
     def summary(self) -> dict:
         return {"skipped_scales": list(self.skipped)}
+
+    def check_schedule(self, schedule) -> str | None:
+        widths = [getattr(s, "rule_w", 0) or s.w for s in schedule]
+        pruned = [w for w in widths if w in self.cfg.prune_ratios]
+        if pruned and self.cfg.cache_width not in widths[: widths.index(pruned[0])]:
+            raise UserError(f"{self.name}: prunes widths {pruned} but its cache width {self.cfg.cache_width} is not an "
+                            f"earlier scale of this schedule ({widths}); use the method config made for this model")
+        if not pruned and not any(w in self.cfg.skip_widths for w in widths):
+            return f"{self.name}: none of its widths {sorted(self.cfg.prune_ratios)} occur in this schedule ({widths})"
+        return None

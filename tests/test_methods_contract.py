@@ -97,3 +97,13 @@ def test_unknown_method_option_is_one_line_with_a_suggestion():
 
     with pytest.raises(UserError, match=r"no option 'alpah'.*did you mean 'alpha'"):
         build_method({"name": "nova", "alpah": 0.3})
+
+
+def test_a_schedule_mismatch_is_one_line_before_anything_runs():
+    """fastvar_hart (cache side 36) on a schedule without 36 used to die mid-run with a RuntimeError."""
+    from varbench.errors import UserError
+
+    bb = backbone("tiny_random")
+    m = build_method(compose_method("fastvar") | {"prune_ratios": {32: 0.5}, "cache_width": 36})
+    with pytest.raises(UserError, match=r"cache width 36 is not an earlier scale"):
+        m.check_schedule(bb.scales())

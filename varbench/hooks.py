@@ -163,5 +163,6 @@ class Method:
         return []
 
     def check_schedule(self, schedule) -> str | None:
-        """One line if this method can never act on ``schedule`` (a list of the backbone's scales), else None."""
+        """Before anything is written: one warning line if this method can never act on ``schedule`` (the backbone's
+        scales), else None; raise ``UserError`` if it cannot run on it at all."""
         return None
