@@ -1,4 +1,5 @@
-"""The paper's Tables 1–5 regenerated from the results store, with the paper's numbers beside ours.
+"""The papers' tables regenerated from the results store, with the papers' numbers beside ours: NOVA's Tables 1–5
+(1–5), ToProVAR's headline tables (6–11) and SparVAR's (12–14).
 
 Each table is the paper's CSV (``results/paper/``) joined with our rows on (model, method): every metric cell reads
 ``ours / paper (Δ)``; a value we have not measured shows ``—`` (never a number). Extra rows we have for the same
@@ -24,6 +25,29 @@ TABLES = {  # number -> (title, csv file, row key column for the method, metric 
     4: ("Table 4: token selection ablation", "nova_table4_selection_ablation.csv", "method",
         ["geneval_two_obj", "geneval_position", "geneval_color_attr", "geneval_overall"]),
     5: ("Table 5: linkage ablation", "nova_table5_linkage_ablation.csv", "variant", ["speedup", "geneval_overall"]),
+    # ToProVAR (arXiv 2602.22948; L40, batch 1) and SparVAR (arXiv 2602.04361, Infinity-8B), headline tables as
+    # reported (shared/specs/toprovar_sparvar.md §3.7, §2.8); row names are our config names where one exists
+    6: ("ToProVAR Table 1: GenEval and DPG-Bench", "toprovar_table1_geneval_dpg.csv", "method",
+        ["speedup", "latency_s", "geneval_two_obj", "geneval_position", "geneval_color_attr", "geneval_overall",
+         "dpg_entity", "dpg_relation", "dpg_attribute", "dpg_overall"]),
+    7: ("ToProVAR Table 2: HPSv2.1 and ImageReward", "toprovar_table2_hps_imagereward.csv", "method",
+        ["speedup", "latency_s", "hps_photo", "hps_concept_art", "hps_anime", "hps_paintings", "hps_overall",
+         "imagereward_score"]),
+    8: ("ToProVAR Table 3: MJHQ-30K latency / FID / CLIP", "toprovar_table3_mjhq.csv", "method",
+        ["landscape_latency_s", "landscape_fid", "landscape_clip", "people_latency_s", "people_fid", "people_clip",
+         "food_latency_s", "food_fid", "food_clip"]),
+    9: ("ToProVAR Tables 4/10: ablation", "toprovar_table4_ablation.csv", "variant",
+        ["latency_s", "speedup", "geneval_overall"]),
+    10: ("ToProVAR Table 5: FAE ablation", "toprovar_table5_fae.csv", "method", ["latency_s", "speedup"]),
+    11: ("ToProVAR Table 9: HART", "toprovar_table9_hart.csv", "method",
+         ["speedup", "latency_s", "geneval_two_obj", "geneval_position", "geneval_color_attr", "geneval_unlabeled",
+          "geneval_overall"]),
+    12: ("SparVAR Table 2: Infinity-8B, fidelity vs dense", "sparvar_table2_infinity8b.csv", "method",
+         ["speedup", "latency_s", "geneval_overall", "psnr", "ssim", "lpips"]),
+    13: ("SparVAR Table 5: module ablation", "sparvar_table5_module_ablation.csv", "variant",
+         ["speedup", "psnr", "ssim", "lpips"]),
+    14: ("SparVAR Table 1: attention kernel at the last scale", "sparvar_table1_kernel.csv", "method",
+         ["sparsity_pct", "attn_time_ms", "kernel_speedup"]),
 }
 
 
@@ -58,7 +82,9 @@ def _cell(ours: float | None, raw_paper: str | None) -> str:
     return f"{o} / {p}{d}"
 
 
-BENCH_PREF = {1: ["geneval", "dpg"], 2: ["imagereward", "hpsv2"], 3: ["mjhq"], 4: ["geneval"], 5: ["geneval"]}
+BENCH_PREF = {1: ["geneval", "dpg"], 2: ["imagereward", "hpsv2"], 3: ["mjhq"], 4: ["geneval"], 5: ["geneval"],
+              6: ["geneval", "dpg"], 7: ["hpsv2", "imagereward"], 8: ["mjhq"], 9: ["geneval"], 10: ["geneval"],
+              11: ["geneval"], 12: ["geneval"], 13: ["geneval"], 14: ["geneval"]}
 
 
 def ours_by_row(df, bench_pref: list[str] | None = None) -> dict[tuple[str, str], dict[str, float]]:
