@@ -56,6 +56,10 @@ def project_imports(path: Path):
                 funcs.add(id(sub))
     for node in ast.walk(tree):
         names = []
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__" and node.args and \
+                isinstance(node.args[0], ast.Constant) and str(node.args[0].value).split(".")[0] in PACKAGES:
+            yield str(node.args[0].value), node.lineno, True
+            continue
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

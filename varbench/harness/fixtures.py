@@ -23,7 +23,6 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,37 +37,15 @@ from varbench.backbones.infinity.schedules import rope_cos_sin, rope_positions, 
 from varbench.backbones.infinity.vae import BSQVAE, load_vae_state_dict
 from varbench.entropy import bitwise_entropy
 from varbench.errors import UserError
+from varbench.harness.checks import SCORE_RTOL, TOL, Check, _diff, format_checks  # noqa: F401
+from varbench.harness.fixtures_hart import check_hart_fixture
 from varbench.hooks import Method
 from varbench.io import to_uint8
 from varbench.loop import generate
 from varbench.tokens import Selection
 
-# README "Recommended tolerances for a re-implementation in fp32"
-TOL = {"logits_cfg": 1e-4, "logits_cond": 5e-5, "logits_uncond": 5e-5, "entropy": 1e-4, "image": 1e-4, "codes": 1e-4,
-       "exact": 0.0,
-       "uint8": 1.0}  # ±1 at truncation boundaries: fp noise of ~1e-6 in the decoder (seen across torch versions)
-
-# Two kept choices that differ count as the same decision only where the scores they disagree on are tied within
-# SCORE_RTOL × the row's largest |score|. FastVAR fixture, block 3 at si 9: scores reach 20, 1e-6 noise on the
-# residual stream moves them by up to 2e-5 (1e-6 relative), the tightest official boundary gap (K-th vs K+1-th) is
-# 3e-5 and the tightest gap inside the kept order 6e-6 -- so 1e-6 noise does flip choices, and 1e-5 relative
-# (2e-4 there) covers it with a margin of 10 while a real mismatch (a wrong score, K or cache) is far beyond it.
-SCORE_RTOL = 1e-5
-
 REQUIRED_META = ("infinity", "vae", "sampling", "scale_schedule")
 SUPPORTED = "Infinity (infinity/*_meta.json), FastVAR on Infinity (fastvar/meta.json), SkipVAR (skipvar/meta.json)"
-
-
-@dataclass
-class Check:
-    name: str
-    max_abs_diff: float
-    tol: float
-    near_ties: int | None = None  # selection checks: differing choices accepted as near-ties (None: not one)
-
-    @property
-    def ok(self) -> bool:
-        return self.max_abs_diff <= self.tol
 
 
 def read_meta(meta_path: str | Path) -> dict:
@@ -111,12 +88,6 @@ def _load_tensors(path: Path) -> dict:
 
 def _load_weights(path: Path) -> dict:
     return {k: (v.float() if v.is_floating_point() else v) for k, v in _load_tensors(path).items()}
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 class FixedText:
@@ -522,18 +493,6 @@ def check_infinity_fixture(meta_path: str | Path, *, teacher_forced_selection: b
     return out
 
 
-def format_checks(checks: list[Check]) -> str:
-    w = max(len(c.name) for c in checks)
-    lines = [f"{c.name:<{w}}  max|Δ|={c.max_abs_diff:.3g}  tol={c.tol:g}  {'PASS' if c.ok else 'FAIL'}" for c in checks]
-    verdict = "PASS" if all(c.ok for c in checks) else "FAIL"
-    last = f"{verdict}: {sum(c.ok for c in checks)}/{len(checks)} checks within tolerance"
-    sel = [c for c in checks if c.near_ties is not None]
-    if sel:
-        last += (f"; {sum(c.near_ties for c in sel)} near-tie selection differences accepted (scores tied within "
-                 f"rtol {SCORE_RTOL:g}; official selection replayed downstream)")
-    return "\n".join(lines + [last])
-
-
 @torch.no_grad()
 def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
     """SkipVAR fixture: decision features/decisions on six code pairs, and three full generation traces."""
@@ -618,7 +577,6 @@ def check_fixture(meta_path: str | Path) -> list[Check]:
 def _check_fixture(meta_path: str | Path) -> list[Check]:
     meta = json.loads(Path(meta_path).read_text())
     if (meta.get("transformer_config") or {}).get("model_type") == "hart_transformer_t2i":
-        # by module path, like the registry tables: fixtures_hart builds on this module's Check / TOL / _diff
-        return __import__("varbench.harness.fixtures_hart", fromlist=["_"]).check_hart_fixture(meta_path)
+        return check_hart_fixture(meta_path)
     src = json.dumps(meta.get("source", "")).lower()
     return check_skipvar_fixture(meta_path) if "skipvar" in src else check_infinity_fixture(meta_path)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from varbench.backbones.hart.backbone import HARTBackbone, HARTSampling
 from varbench.backbones.hart.load import arch_from_official, new_modules
-from varbench.harness.fixtures import TOL, Check, _diff
+from varbench.harness.checks import TOL, Check, _diff
 from varbench.hooks import Method
 from varbench.loop import generate
 
