@@ -11,7 +11,9 @@ import csv
 import math
 from pathlib import Path
 
-PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+from varbench.resources import paper_dir
+
+PAPER_DIR = paper_dir()      # the checkout's results/paper/, or the copy inside an installed wheel
 
 TABLES = {  # number -> (title, csv file, row key column for the method, metric columns)
     1: ("Table 1: GenEval and DPG-Bench", "nova_table1_geneval_dpg.csv", "method",
@@ -96,8 +98,14 @@ def ours_by_row(df, bench_pref: list[str] | None = None) -> dict[tuple[str, str]
     df = df[df["overrides"].isin(["default", None, ""])]
     rank = {b: i for i, b in enumerate(bench_pref or [])}
     df = df.assign(_r=df["bench"].map(lambda b: rank.get(b, len(rank)))).sort_values("_r", ascending=False)
+    by_family: dict = {}   # a model-specific config (fastvar_hart, fastvar_8b) fills its family's paper row
     for _, r in df.iterrows():  # best-ranked bench written last
         out.setdefault((r["model"], r["method"]), {})[r["metric"]] = float(r["value"])
+        fam = r.get("family")
+        if isinstance(fam, str) and fam not in ("", r["method"]):
+            by_family.setdefault((r["model"], fam), {})[r["metric"]] = float(r["value"])
+    for key, values in by_family.items():
+        out.setdefault(key, values)
     return out
 
 

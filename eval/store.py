@@ -2,7 +2,7 @@
 
 Row fields:
   run        run directory relative to results_root (unique per model/bench/method/overrides)
-  model, method, bench, overrides   what was run (overrides: the settings that change images, as in the run name)
+  model, method, family, bench, overrides   what was run (family: the method's class; fastvar_hart -> fastvar) (overrides: the settings that change images, as in the run name)
   metric     e.g. latency_s, speedup, flop_speedup, psnr, ssim, tokens_frac, activation_rate
   value, n   the aggregate and how many images it is over
   note       the method's footnote (reconstructed method, our port, our reading ...), shown under tables
@@ -22,8 +22,8 @@ import pandas as pd
 
 from varbench.io import append_jsonl, iter_jsonl
 
-FIELDS = ("run", "model", "method", "bench", "overrides", "metric", "value", "n", "note", "device", "run_id",
-          "git_sha", "time")
+FIELDS = ("run", "model", "method", "family", "bench", "overrides", "metric", "value", "n", "note", "device",
+          "run_id", "git_sha", "time")
 
 
 def rows_path(results_root: Path) -> Path:

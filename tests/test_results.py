@@ -127,3 +127,14 @@ def test_wandb_mirror_logs_metrics_and_images(tmp_path, monkeypatch):
     mirror(cfg, tmp_path, {"speedup": (1.5, 4), "psnr": (None, 0)})
     assert calls[0]["name"].startswith("tiny/smoke/nova") and calls[1] == {"speedup": 1.5}
     assert calls[2]["samples"] == [("img", "00000.png")] and calls[-1] == "finish"
+
+
+def test_a_model_specific_method_config_fills_the_papers_row_of_its_family(tmp_path):
+    from eval import paper, store
+
+    base = {"model": "hart_0.7b", "bench": "geneval", "overrides": "default", "n": 4, "git_sha": "x"}
+    store.append_rows(tmp_path, [base | {"run": "r1", "method": "fastvar_hart", "family": "fastvar",
+                                         "metric": "geneval_overall", "value": 0.5}])
+    t1 = paper.render(1, store.load(tmp_path))
+    row = next(ln for ln in t1.splitlines() if ln.startswith("| hart_0.7b | fastvar |"))
+    assert "0.50 / " in row

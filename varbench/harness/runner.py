@@ -34,8 +34,7 @@ from eval.wandb_log import mirror
 from varbench.backbones.base import BackboneSpec
 from varbench.errors import UserError
 from varbench.harness.registry import build_backbone, build_method, method_class, metric_fn
-from varbench.harness.rundir import (NON_IDENTITY, REPO, RunDir, Shard, device_name, git_sha, identity, run_id,
-                                     versions)
+from varbench.harness.rundir import NON_IDENTITY, REPO, RunDir, Shard, device_name, git_sha, identity, run_id, versions
 from varbench.hooks import Method
 from varbench.io import image_ok, save_image, to_uint8, write_json
 from varbench.loop import generate
@@ -231,7 +230,7 @@ def score_run(cfg: dict, rd: RunDir, items: list[Item], method_name: str, family
     root = Path(cfg["results_root"]).resolve()
     note = build_method(cfg["method"]).footnote()
     base = {"run": str(rd.path.relative_to(root)) if rd.path.is_relative_to(root) else str(rd.path),
-            "model": cfg["model"]["name"], "method": method_name, "bench": cfg["bench"]["name"],
+            "model": cfg["model"]["name"], "method": method_name, "family": family, "bench": cfg["bench"]["name"],
             "overrides": rd.path.name, "git_sha": git_sha(), "run_id": meta.get("run_id"), "note": note,
             "device": meta.get("device_name")}
     metrics: dict = {}
