@@ -164,8 +164,12 @@ class NovaConfig(MethodConfig):
             self.fixed_ratios = {int(k): check_ratio(v, f"nova.fixed_ratios[{k}]") for k, v in self.fixed_ratios.items()}
         elif not self.scale_linkage:
             raise UserError("nova.scale_linkage=false needs nova.fixed_ratios (a per-scale schedule)")
-        if self.t_est < 2 or not 0 < self.alpha:
-            raise UserError("nova.t_est must be >= 2 and nova.alpha > 0")
+        if self.t_est < 2:
+            raise UserError(f"nova.t_est must be an integer >= 2 (Eq. 9 averages g_2..g_t_est), got {self.t_est}")
+        if not self.alpha > 0:
+            raise UserError(f"nova.alpha must be > 0 (Eq. 10 compares growth with alpha * eta), got {self.alpha}")
+        if not self.sigmoid_tau > 0:
+            raise UserError(f"nova.sigmoid_tau must be > 0 (Eq. 11 divides by it), got {self.sigmoid_tau}")
         if not isinstance(self.g_lag, int) or self.g_lag < 1:
             raise UserError(f"nova.g_lag must be an integer >= 1 (g_t needs scale t's own logits), got {self.g_lag!r}")
         if self.t_star is not None and self.t_star < 1:

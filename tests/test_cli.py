@@ -71,6 +71,7 @@ BAD = [  # (arguments, a phrase the one line must contain)
     (["method.alpha=abc"], "Value 'abc' of type 'str' could not be converted to Float"),
     (["method.alpah=0.3"], "method.alpah is not an option of NovaConfig (did you mean 'alpha'?)"),
     (["method.r_max=1.5"], "[0, 1]"),
+    (["method.alpha=-1"], "nova.alpha must be > 0 (Eq. 10"),
     (["stage=scor"], "stage must be"),
     (["shard.index=3", "shard.count=2"], "shard.index must be < shard.count"),
     (["device=tpu"], "device must be"),
