@@ -150,7 +150,7 @@ def score_folder(image_dir: Path, detector, color, classnames: list[str], opt: O
             image = Image.open(img_path).convert("RGB")
             raw = detector(np.asarray(image), classnames)
             objs = keep_detections(raw, meta["tag"], opt)
-            ok, why = evaluate(meta, objs, lambda d, o: color(image, d, o), opt.position_threshold)
+            ok, why = evaluate(meta, objs, lambda d, o: color(image, d, o), opt.position_threshold)  # noqa: B023 (called at once, inside the loop)
             results.append({"filename": str(img_path), "tag": meta["tag"], "prompt": meta["prompt"], "correct": ok,
                             "reason": why})
             if cache is not None:
