@@ -1,12 +1,16 @@
 """Train the tiny Infinity-architecture model (``conf/model/tiny.yaml``) on the shapes world, on a CPU.
 
-    python scripts/train_tiny.py            # writes varbench/backbones/infinity/weights/tiny/ (about 45 min, 2 cores)
+    python scripts/train_tiny.py             # the run of the shipped weights/tiny/ (47 min, 2 cores; MODEL_CARD.md)
+    python scripts/train_tiny.py --world textured --config my_tiny.yaml --out /tmp/w     # the issue-18 world
 
 The architecture, VAE, text encoder and scale schedule are read from the model config, so the script trains
 exactly what ``model=tiny`` builds, with our own classes (the code path of Infinity-2B):
 
-Stage 1: the tiny ``BSQVAE`` learns to reconstruct 64-px shape images (``eval/shapes/world.py``) through the
-multi-scale binary spherical quantiser of the schedule, with straight-through gradients; loss L1 + L2.
+Data: ``--world flat`` (default; the shipped weights) draws white backgrounds and flat fills; ``--world textured`` the
+shapes world with its seeded textures, naming the background in half the prompts (``eval/shapes/world.py``, issue 18).
+Stage 1: the tiny ``BSQVAE`` learns to reconstruct 64-px shape images through the multi-scale binary spherical
+quantiser of the schedule, with straight-through gradients (``BSQVAE.encode_bits(straight_through=True)``); loss
+L1 + L2.
 Stage 2: the ``InfinityTransformer`` learns next-scale bitwise prediction, teacher-forced as the official
 ``Infinity.forward`` (block-causal mask; the input of scale k+1 is the trilinear resize of the summed codes of
 scales <= k), jointly with the byte-level tiny T5 (trained here too: a frozen random T5 hardly separates
@@ -14,8 +18,9 @@ scales <= k), jointly with the byte-level tiny T5 (trained here too: a frozen ra
 guidance). Loss: bitwise cross-entropy with each token weighted by n_scale^-1/2 (OURS: coarse scales, which
 carry layout, count and colour, have few tokens; uniform token weighting would let the last scale dominate).
 
-Everything is seeded and data is a pure function of (seed, step): the same command on the same torch build gives
-the same weights. Progress and losses are printed; ``train_log.json`` records them.
+Everything is seeded and data is a pure function of (seed, step, world): the same command on the same torch build
+and thread count gives the same weights. Progress, losses and the per-scale CE (nats per token, the teacher-forced
+estimate of NOVA's H̄_t) are printed; ``train_log.json`` records them.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 SIZE = 64
 
 
-def batch(step: int, n: int, seed: int, world: str = "textured"):
+def batch(step: int, n: int, seed: int, world: str = "flat"):
     """n (prompt, image in [-1, 1]) pairs, a pure function of (seed, step, world)."""
     from eval.shapes.world import TAGS, make_prompt, sample, with_background
 
@@ -78,9 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", type=Path, default=REPO / "conf/model/tiny.yaml")
     ap.add_argument("--out", type=Path, default=None, help="default: the config's package_weights folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--world", choices=("textured", "flat"), default="textured",
-                    help="textured: the shapes world with textures (issue 18); flat: the world before it (white "
-                         "background, flat fills), which the shipped weights were trained on")
+    ap.add_argument("--world", choices=("flat", "textured"), default="flat",
+                    help="flat: white background, flat fills (the shipped weights); textured: seeded textures and "
+                         "named backgrounds (issue 18)")
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1600)
