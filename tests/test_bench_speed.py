@@ -127,3 +127,20 @@ def test_profiling_ranges_off_by_default_and_breakdown_is_exclusive():
     assert b["attention"] == pytest.approx(30e-6) and b["kv_cache"] == pytest.approx(5e-6)
     assert b["bookkeeping"] == pytest.approx(10e-6) and b["head"] == pytest.approx(10e-6)
     assert b["sampling"] == 0.0
+
+
+def test_static_kv_cache_equals_concatenation_and_falls_back_when_full():
+    from varbench.backbones.infinity.model import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(2, 2, n, 4, generator=g), torch.randn(2, 2, n, 4, generator=g)) for n in (1, 4, 16)]
+    static, grown = KVCache(capacity=21), KVCache()
+    for k, v in parts:
+        ks, vs = static.append(k, v)
+        kg, vg = grown.append(k, v)
+        assert torch.equal(ks, kg) and torch.equal(vs, vg) and static.length == grown.length
+    assert static._kb is not None and static.k.data_ptr() == static._kb.data_ptr()  # views of one buffer
+    static.keep_rows(1)
+    k, v = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 2, 3, 4, generator=g)
+    ks, _ = static.append(k, v)  # 21 + 3 > capacity: concatenation
+    assert ks.shape == (1, 2, 24, 4) and torch.equal(ks[:, :, -3:], k) and torch.equal(ks[:, :, :21], grown.k[:1])

@@ -129,7 +129,7 @@ class InfinityBackbone:
         return InfinityState()
 
     def new_kv_cache(self) -> KVCache:
-        return KVCache()
+        return KVCache(capacity=self.schedule.total_tokens)  # preallocated for the whole schedule
 
     def scale_input(self, state: InfinityState, cond: InfinityCond, scale) -> torch.Tensor:
         """Scale 0: sos + pos_start. Later: word_embed(trilinear resize of the accumulated codes), both CFG
