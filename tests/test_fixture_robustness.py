@@ -10,6 +10,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import REPO, shared_path
 
@@ -45,6 +46,7 @@ def _failing(checks):
     return [c.name for c in checks if not c.ok]
 
 
+@pytest.mark.slow
 def test_fastvar_check_holds_with_1e6_noise_before_selection(monkeypatch):
     _method(monkeypatch, NoisySelection)
     checks = _fastvar_checks()
@@ -54,6 +56,7 @@ def test_fastvar_check_holds_with_1e6_noise_before_selection(monkeypatch):
     assert "near-tie selection differences accepted" in fixtures.format_checks(checks).splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_free_running_check_diverges_with_the_same_noise(monkeypatch):
     """The old check (our selection drives the run) is machine-dependent: the same 1e-6 noise makes it FAIL."""
     _method(monkeypatch, NoisySelection)
@@ -66,6 +69,7 @@ def _fastvar(ratio32=0.4, cache_width=24, blocks=(3, 27)):
                                                    blocks=list(blocks), cache_width=cache_width))
 
 
+@pytest.mark.slow
 def test_wrong_keep_ratio_fails(monkeypatch):
     _method(monkeypatch, lambda m: NoisySelection(_fastvar(ratio32=0.5)))
     checks = _fastvar_checks(sampled_bits=False)
@@ -75,6 +79,7 @@ def test_wrong_keep_ratio_fails(monkeypatch):
     assert any(n.startswith("kv_cache_len block03") for n in bad) and any(n.startswith("logits_cfg_s09") for n in bad)
 
 
+@pytest.mark.slow
 def test_wrong_cache_width_fails(monkeypatch):
     _method(monkeypatch, lambda m: NoisySelection(_fastvar(cache_width=20)))
     bad = _failing(_fastvar_checks(sampled_bits=False))
@@ -82,6 +87,7 @@ def test_wrong_cache_width_fails(monkeypatch):
     assert any(n.startswith("logits_cfg_s09") for n in bad)
 
 
+@pytest.mark.slow
 def test_wrong_kv_cache_size_fails(monkeypatch):
     """A backbone that caches one K/V entry too many at the pruned scales (615 and 800 kept tokens)."""
     from varbench.backbones.infinity import model
@@ -99,6 +105,7 @@ def test_wrong_kv_cache_size_fails(monkeypatch):
     assert not any(n.startswith("kv_cache_len block00") for n in bad), bad
 
 
+@pytest.mark.slow
 def test_wrong_block_range_fails(monkeypatch):
     _method(monkeypatch, lambda m: _fastvar(blocks=(3, 28)))  # prunes block 28 too: not in the official run
     checks = _fastvar_checks(sampled_bits=False)

@@ -38,6 +38,7 @@ def test_tiny_fixture_reproduces_official_run(tag):
     assert all(c.ok for c in checks), format_checks(checks)
 
 
+@pytest.mark.slow
 def test_check_fixture_cli_exit_codes(tmp_path):
     import subprocess
     import sys
@@ -62,6 +63,7 @@ def test_check_fixture_cli_exit_codes(tmp_path):
     assert bad.returncode == 1 and "FAIL" in bad.stdout
 
 
+@pytest.mark.slow
 def test_fastvar_fixture_reproduces_official_fastvar():
     from varbench.harness.fixtures import check_infinity_fixture, format_checks
 
@@ -93,6 +95,7 @@ def test_fastvar_selection_reproduces_official_order_on_official_input():
     assert set(verdicts) <= {"same", "tie-order", "tie-set"}, verdicts
 
 
+@pytest.mark.slow
 def test_skipvar_fixture_reproduces_official_decisions_and_traces():
     from varbench.harness.fixtures import check_fixture, format_checks
 
