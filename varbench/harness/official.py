@@ -24,8 +24,8 @@ the transformer and its loop, which is what the benchmark times (scale loop only
 from __future__ import annotations
 
 import contextlib
-import io
 import importlib
+import io
 import sys
 import types
 from dataclasses import dataclass, field
