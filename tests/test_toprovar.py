@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from baselines.toprovar import (ToProVAR, ToProVARConfig, depth_test, layer_score, low_entropy_ratio,
-                                prune_probability)
+from baselines.toprovar import ToProVAR, ToProVARConfig, depth_test, layer_score, low_entropy_ratio, prune_probability
 from varbench.attention import sdpa_attention
 from varbench.attention_entropy import materialised_attention_entropy, streaming_attention_entropy
 from varbench.hooks import Method
@@ -133,3 +132,17 @@ def test_bad_options_are_one_line_errors():
         ToProVARConfig(d_direction="up")
     with pytest.raises(UserError, match="alpha"):
         ToProVARConfig(alpha_max=1.5)
+
+
+def test_calibration_rule_puts_r_half_at_the_valley():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("calibrate_toprovar", REPO / "scripts/calibrate_toprovar.py")
+    cal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cal)
+    star = cal.valley([2.0, 2.5, 3.0, 40.0, 55.0, 70.0])
+    assert 3.0 < star < 40.0 and abs(star - math.sqrt(3.0 * 40.0)) < 1e-9
+    beta = cal.beta_for(star)
+    assert abs(math.exp(-beta * (star - 1)) - 0.5) < 1e-12
