@@ -10,8 +10,20 @@ import numpy as np
 import pytest
 
 from eval.shapes.scorer import detect, label4, score_image
-from eval.shapes.world import (BG_AMP, COLORS, FAMILIES, FILL_AMP, TAGS, Obj, make_prompt, prompt_set, random_texture,
-                               render, sample, with_background)
+from eval.shapes.world import (
+    BG_AMP,
+    COLORS,
+    FAMILIES,
+    FILL_AMP,
+    TAGS,
+    Obj,
+    make_prompt,
+    prompt_set,
+    random_texture,
+    render,
+    sample,
+    with_background,
+)
 
 
 @pytest.mark.parametrize("size", [64, 128])

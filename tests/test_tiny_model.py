@@ -31,9 +31,9 @@ def test_custom_schedule_rejects_bad_grids(hws, rule):
 def _shapes_accuracy(cfg, n_per_tag=2, method=None):
     from eval.shapes.scorer import score_image
     from eval.shapes.world import prompt_set
+    from varbench.harness.registry import build_backbone
     from varbench.harness.runner import to_uint8
     from varbench.loop import generate
-    from varbench.harness.registry import build_backbone
 
     bb = build_backbone(cfg, "cpu", "fp32")
     metas = prompt_set(n_per_tag, seed=7)
