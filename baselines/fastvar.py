@@ -28,7 +28,6 @@ from varbench.errors import UserError
 from varbench.hooks import LayerCtx, Method, MethodConfig, ScaleCtx, ScalePlan
 from varbench.tokens import ResidualCache, Selection, check_ratio, keep_count
 
-
 OFFICIAL_2B_PRUNE_RATIOS = {32: 0.4, 40: 0.5}
 
 

@@ -14,7 +14,7 @@ Pruned scales and ratios are keyed by grid width (``ScaleCtx.rule_w``), like Fas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,7 +69,7 @@ class SparseVAR(Method):
         return min(depth - 1, int(round(self.cfg.score_block * (depth - 1))))
 
     def select(self, lctx: LayerCtx, x: torch.Tensor) -> Selection | None:
-        si, n, (h, w) = lctx.si, x.shape[1], lctx.scale.hw
+        n, (h, w) = x.shape[1], lctx.scale.hw
         if lctx.li == 0:
             self.sel = None
             ratio = self.cfg.ratios.get(lctx.scale.rule_w)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 from varbench.resources import paper_dir
 

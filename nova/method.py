@@ -37,12 +37,11 @@ Ablations are configs of this class (``conf/method/nova_*.yaml``): ``scale_linka
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from nova.plots import plot_entropy_activation
 from varbench.attention import reference_attention

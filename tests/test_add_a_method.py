@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-import baselines
 from conftest import REPO
 from test_methods_contract import backbone, check_contract
+
+import baselines
 from varbench.harness import registry
 from varbench.hooks import Method, MethodConfig
 from varbench.loop import generate

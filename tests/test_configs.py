@@ -1,8 +1,8 @@
 """Every config composes; every experiment names configs that exist; method yamls only override their schema."""
 import pytest
+from conftest import REPO, compose
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose
 from varbench.harness.registry import build_method, method_class
 
 GROUP = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in ("model", "method", "bench", "experiment")}

@@ -2,7 +2,6 @@
 import csv
 
 import pytest
-
 from PIL import Image
 
 from eval.dpg import BlipVQA, Item, load_csv, score_image, summarize, tile_scores

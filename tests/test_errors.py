@@ -5,9 +5,9 @@ from varbench.errors import UserError
 
 
 def test_truncated_safetensors_is_one_line_naming_the_file(tmp_path, trained_tiny_cfg):
-    from varbench.weights import load_safetensors
-
     from conftest import REPO
+
+    from varbench.weights import load_safetensors
 
     data = (REPO / "varbench/backbones/infinity/weights/tiny/vae.safetensors").read_bytes()
     bad = tmp_path / "vae.safetensors"

@@ -3,7 +3,6 @@ depend on the count). Seen failing before the checker pinned its threads: FastVA
 with 1 thread (tolerance 1e-4), e.g. after an in-process run had set threads=1."""
 import pytest
 import torch
-
 from conftest import shared_path
 
 
@@ -25,6 +24,7 @@ def test_fastvar_fixture_passes_when_the_caller_uses_one_thread():
 
 def test_an_in_process_run_restores_the_callers_thread_count(tmp_path):
     from conftest import compose
+
     from varbench.harness.runner import run
 
     cfg = compose("model=tiny_random", "method=none", "bench.limit=1")

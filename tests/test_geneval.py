@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, shared_path
+
 from eval.geneval.rules import Det, Options, evaluate, keep_detections, relative_position, summarize
 
 

@@ -6,7 +6,16 @@ import torch
 from PIL import Image
 
 pytest.importorskip("torchvision", reason="the [eval] extra (torchvision) is not installed")
-from eval.imagereward import CLIP_MEAN, CLIP_STD, MEAN, STD, ImageRewardModel, ImageRewardScorer, ir_preprocess, load_state  # noqa: E402
+from eval.imagereward import (  # noqa: E402
+    CLIP_MEAN,
+    CLIP_STD,
+    MEAN,
+    STD,
+    ImageRewardModel,
+    ImageRewardScorer,
+    ir_preprocess,
+    load_state,
+)
 
 TINY = dict(vit=dict(image_size=224, patch=32, width=32, depth=1, heads=2),
             text=dict(vocab_size=30, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))

@@ -4,7 +4,6 @@ import importlib
 import pkgutil
 
 import pytest
-
 from conftest import REPO
 
 PACKAGES = ("varbench", "nova", "baselines", "eval")
@@ -32,6 +31,7 @@ INDIRECT = {"scipy": "transformers' Mask2Former (GenEval detector) imports it wh
 
 def _declared() -> set[str]:
     import re
+
     import tomllib
 
     proj = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import shared_path
-from varbench.backbones.infinity.vae import VAE_CONFIGS, BSQVAE, bits_to_codes, bsq_quantize, load_vae_state_dict
+
+from varbench.backbones.infinity.vae import BSQVAE, VAE_CONFIGS, bits_to_codes, bsq_quantize, load_vae_state_dict
 
 MANIFESTS = {"vae_d32": "manifest_vae_d32.json", "vae_d56_f8_14_patchify": "manifest_vae_d56_f8_14_patchify.json"}
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import shared_path
+
 from varbench.backbones.infinity import load
 from varbench.errors import MissingWeights
 

@@ -6,8 +6,8 @@ and its NOOP setting is bit-identical to ``method=none``.
 """
 import pytest
 import torch
-
 from conftest import REPO, compose_method, contract_models
+
 from varbench.harness.registry import METHODS, build_backbone, build_method, method_class
 from varbench.hooks import Method
 from varbench.loop import generate

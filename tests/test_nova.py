@@ -4,12 +4,21 @@ import math
 import pytest
 import torch
 
+from nova.method import (
+    Nova,
+    NovaConfig,
+    detect_inflection,
+    early_baseline,
+    growth_rates,
+    keep_count,
+    layer_ratio,
+    linked_layer_ratio,
+    scale_ratio,
+)
+from varbench.backbones.base import ScaleInfo
 from varbench.errors import UserError
 from varbench.hooks import Method
 from varbench.loop import generate
-from nova.method import (Nova, NovaConfig, detect_inflection, early_baseline, growth_rates, keep_count,
-                         layer_ratio, linked_layer_ratio, scale_ratio)
-from varbench.backbones.base import ScaleInfo
 
 
 # ---------------------------------------------------------------- Eqs. 8-10

@@ -11,11 +11,10 @@ import math
 
 import pytest
 import torch
+from test_nova import Probe, _ent, _gen, _sig
 
 from nova.method import Nova, NovaConfig
 from varbench.tokens import keep_count, resize_grid
-
-from test_nova import Probe, _ent, _gen, _sig
 
 PROMPT = "a red circle"
 RUNS = {  # name -> NOVA options; both runs prune on this seed
@@ -107,7 +106,7 @@ def test_pruned_tokens_restore_from_the_same_block_at_the_previous_scale(run, ti
     """Eqs. 15-16: at every pruned (scale t, block j), including t = t*+1, the cache is block j's output minus input
     at scale t-1, and pruned outputs are input + its resize to grid t."""
     _, m, out = run
-    s, first = out.method_summary, out.method_summary["t_star"]
+    first = out.method_summary["t_star"]
     sched, checked = tiny_backbone.scales(), set()
     for (si, li), (x, sel, cache) in m.seen.items():
         if sel is None:

@@ -7,8 +7,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from varbench.errors import UserError
 from varbench.harness.rundir import RunDir, Shard, identity, run_id
 from varbench.io import append_jsonl, read_jsonl

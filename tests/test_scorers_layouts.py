@@ -34,9 +34,8 @@ def test_official_format_defaults_and_overrides():
 
 
 def test_bench_yamls_state_the_official_format():
-    from omegaconf import OmegaConf
-
     from conftest import REPO
+    from omegaconf import OmegaConf
 
     for b in ("geneval", "imagereward", "hpsv2", "dpg", "mjhq"):
         cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"conf/bench/{b}.yaml"))

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 pytest.importorskip("scipy", reason="transformers' Mask2Former needs scipy (declared by the project)")
-from eval.geneval.mmdet_map import (HF_ONLY, load_mapped, map_state_dict, mmdet_relative_position_index,  # noqa: E402
-                                    unfold_to_concat)
+from eval.geneval.mmdet_map import HF_ONLY, load_mapped, map_state_dict, mmdet_relative_position_index, unfold_to_concat  # noqa: E402
 from varbench.errors import UserError  # noqa: E402
 
 C, DEPTHS, HEADS, WIN = 16, (1, 2, 1, 1), (1, 1, 2, 2), 4       # tiny Swin

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
 
 ARGS = ["model=tiny_random", "bench=shapes", "bench.limit=4", "progress=false", "warmup=0"]

@@ -9,7 +9,8 @@ a kernel that also reports attention statistics (computed only when asked for: i
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

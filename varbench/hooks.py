@@ -26,8 +26,9 @@ against what the loop measured) and its run-level metrics (``aggregate``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import io as _io
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from PIL import Image

@@ -46,7 +46,7 @@ class Selection:
         return m.scatter(1, self.keep_idx.expand(rows, -1), True)
 
     @staticmethod
-    def top_k(score_BL: torch.Tensor, k: int) -> "Selection":
+    def top_k(score_BL: torch.Tensor, k: int) -> Selection:
         """Keep the ``k`` highest-scoring tokens per row (indices sorted ascending)."""
         n = score_BL.shape[-1]
         k = max(0, min(int(k), n))
@@ -54,7 +54,7 @@ class Selection:
         return Selection(idx, n)
 
     @staticmethod
-    def all(n: int, device=None) -> "Selection":
+    def all(n: int, device=None) -> Selection:
         return Selection(torch.arange(n, device=device)[None], n)
 
 

@@ -6,8 +6,8 @@ Detections are per class name: a list of ``Det(box=(x1, y1, x2, y2), score, mask
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

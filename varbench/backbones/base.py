@@ -53,7 +53,7 @@ class BackboneSpec:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "BackboneSpec":
+    def from_dict(d: dict) -> BackboneSpec:
         d = dict(d)
         d["branches"] = tuple(d.get("branches", ()))
         return BackboneSpec(**d)
@@ -70,7 +70,7 @@ class ScaleInfo:
     rule_w: int       # the width that methods' width-keyed rules see (= w on official schedules)
 
     @staticmethod
-    def of(scale) -> "ScaleInfo":
+    def of(scale) -> ScaleInfo:
         return ScaleInfo(scale.si, scale.h, scale.w, scale.n, getattr(scale, "rule_w", 0) or scale.w)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -21,8 +20,7 @@ from varbench.backbones.infinity.schedules import schedule_from_config
 from varbench.backbones.infinity.text import T5TextEncoder
 from varbench.backbones.infinity.vae import BSQVAE, load_vae_state_dict
 from varbench.errors import UserError
-from varbench.weights import (find_file, load_safetensors, resolve_files, state_dict_mismatch,  # noqa: F401
-                              weights_dir)
+from varbench.weights import find_file, load_safetensors, resolve_files, state_dict_mismatch, weights_dir  # noqa: F401
 
 
 # ---------------------------------------------------------------- state dicts

@@ -58,7 +58,7 @@ class T5TextEncoder:
         return self.encode(prompts)
 
     @staticmethod
-    def from_pretrained(path: str, max_length: int, device="cpu", dtype=torch.float32) -> "T5TextEncoder":
+    def from_pretrained(path: str, max_length: int, device="cpu", dtype=torch.float32) -> T5TextEncoder:
         from transformers import T5EncoderModel
 
         enc = T5EncoderModel.from_pretrained(path, dtype=dtype)
@@ -66,7 +66,7 @@ class T5TextEncoder:
 
     @staticmethod
     def tiny(d_model: int = 64, layers: int = 2, heads: int = 2, max_length: int = 32, seed: int = 0,
-             device="cpu") -> "T5TextEncoder":
+             device="cpu") -> T5TextEncoder:
         """A small T5 encoder with weights drawn from ``seed`` and the byte tokenizer: no download."""
         from transformers import T5Config, T5EncoderModel
 
