@@ -119,8 +119,8 @@ def load_package_weights(name: str, tf, vae, text) -> None:
     """Weights the project trained itself (``varbench/backbones/infinity/weights/<name>/``, see its MODEL_CARD.md),
     loaded strictly: a mismatch with the config is an error, not a silent partial load."""
     folder = PACKAGE_WEIGHTS / name
-    if not folder.is_dir():
-        shipped = sorted(p.name for p in PACKAGE_WEIGHTS.iterdir() if p.is_dir())
+    shipped = sorted(p.name for p in PACKAGE_WEIGHTS.iterdir() if p.is_dir()) if PACKAGE_WEIGHTS.is_dir() else []
+    if not folder.is_dir() and shipped:   # a name we never shipped (not a damaged checkout)
         raise UserError(f"no package weights named {name!r} (shipped with varbench: {', '.join(shipped)}); set "
                         f"model.package_weights to one of them, or null for seeded weights")
     parts = {"infinity.safetensors": tf, "vae.safetensors": vae, "text.safetensors": text.encoder}
