@@ -204,7 +204,7 @@ _FLEX = {}
 
 
 def flex_block_mask(tiles: torch.Tensor, tile: int, N: int, P: int, device):
-    from torch.nn.attention.flex_attention import create_block_mask   # heavy third-party import, GPU path only
+    from torch.nn.attention.flex_attention import create_block_mask  # heavy third-party import, GPU path only
 
     t = tiles.to(device)
 

@@ -5,10 +5,23 @@ import math
 import pytest
 import torch
 
-from baselines.sparvar import (SparVAR, SparVARConfig, cs4a_decide, cs4a_sparse_gather, cs4a_sparse_reference,
-                               csla_flex, csla_reference, csla_token_mask, effective_bound_layer, flex_block_mask,
-                               group_map, local_runs, offsets, tile_mask, topk_budget)
-from varbench.attention_entropy import materialised_attention_entropy  # noqa: F401  (same core, imported early)
+from baselines.sparvar import (
+    SparVAR,
+    SparVARConfig,
+    cs4a_decide,
+    cs4a_sparse_gather,
+    cs4a_sparse_reference,
+    csla_flex,
+    csla_reference,
+    csla_token_mask,
+    effective_bound_layer,
+    flex_block_mask,
+    group_map,
+    local_runs,
+    offsets,
+    tile_mask,
+    topk_budget,
+)
 from varbench.flops import generation_flops
 from varbench.hooks import Method
 from varbench.loop import generate
