@@ -143,7 +143,8 @@ def _gen(bb, m):
 @pytest.fixture(scope="module")
 def runs(tiny_backbone):
     return {"none": _gen(tiny_backbone, Method()), "sparvar": _gen(tiny_backbone, SparVAR()),
-            "noop": _gen(tiny_backbone, SparVAR(SparVARConfig(**SparVAR.NOOP)))}
+            "noop": _gen(tiny_backbone, SparVAR(SparVARConfig(**SparVAR.NOOP))),
+            "fast": _gen(tiny_backbone, SparVAR(SparVARConfig(kernel="fast")))}
 
 
 def test_noop_is_bit_identical(runs):
@@ -185,3 +186,11 @@ def test_hart_csla_geometry():
         assert m[:, :354].all() and not m[:, 354:offsets(ns)[8]].any()     # scales 5-7 (7², 9², 12²) invisible
     cfg = SparVARConfig(cs4a=False, bound_layer=-1, bound_layer_scaling="absolute", csla_windows=[1, 1, 1, 3, 5, 7])
     assert SparVAR(cfg).decision_si(14) == 11 and effective_bound_layer(cfg, 24) == -1
+
+
+def test_fast_kernels_match_the_masked_reference_end_to_end(runs):
+    """kernel=fast (gather+SDPA for CS4A, flex_attention for CSLA; eager on a CPU) gives the reference's image."""
+    a, f = runs["sparvar"], runs["fast"]
+    assert f.method_summary["kernels"] == {"cs4a_decide": "sdpa+colmass", "cs4a": "gather_sdpa", "csla": "flex_attention"}
+    assert torch.allclose(f.images, a.images, atol=1e-3)
+    assert f.record.attn_keys == a.record.attn_keys
