@@ -63,7 +63,8 @@ def register() -> None:
 
 
 def compose(group: str, name: str, sets: list[str]) -> dict:
-    from hydra import compose as hcompose, initialize_config_dir
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     register()
@@ -344,7 +345,8 @@ def decode_official(bb, ocodes):
 
 def profile(bb, methods, prompts, generate, profiling) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bb.device.type == "cuda" else [])
     res = {}

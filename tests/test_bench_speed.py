@@ -8,7 +8,6 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
 
 
