@@ -146,3 +146,17 @@ def test_calibration_rule_puts_r_half_at_the_valley():
     assert 3.0 < star < 40.0 and abs(star - math.sqrt(3.0 * 40.0)) < 1e-9
     beta = cal.beta_for(star)
     assert abs(math.exp(-beta * (star - 1)) - 0.5) < 1e-12
+
+
+def test_pruned_tokens_pass_the_block_unchanged(tiny_backbone):
+    """Identity restoration (spec §3.8 item 6): at a pruned (scale, layer) the pruned tokens' outputs are their inputs."""
+    seen = []
+
+    class Spy(ToProVAR):
+        def after_layer(self, lctx, x_in, x_out):
+            if self._sel is not None:
+                mask = self._sel.mask(x_in.shape[0])
+                seen.append((torch.equal(x_out[~mask], x_in[~mask]), bool((x_out[mask] != x_in[mask]).any())))
+
+    _gen(tiny_backbone, Spy(ToProVARConfig(beta=1e-4, d_direction="ge", tau=0.3)))
+    assert seen and all(same for same, _ in seen) and all(changed for _, changed in seen)
