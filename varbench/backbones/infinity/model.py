@@ -110,7 +110,7 @@ class TextMemory:
     cache: dict = field(default_factory=dict)
 
     @staticmethod
-    def from_compact(kv_compact: torch.Tensor, lens: list[int]) -> "TextMemory":
+    def from_compact(kv_compact: torch.Tensor, lens: list[int]) -> TextMemory:
         T = max(lens)
         idx = torch.arange(T)[None, :]
         mask = idx < torch.tensor(lens)[:, None]
@@ -119,7 +119,7 @@ class TextMemory:
         kv = kv_compact[gather.to(kv_compact.device)] * mask[..., None].to(kv_compact.device)
         return TextMemory(kv, mask.to(kv_compact.device))
 
-    def rows(self, n: int) -> "TextMemory":
+    def rows(self, n: int) -> TextMemory:
         return TextMemory(self.kv_BTC[:n], self.mask_BT[:n], {k: (a[:n], b[:n]) for k, (a, b) in self.cache.items()})
 
 
@@ -294,7 +294,6 @@ class InfinityTransformer(nn.Module):
     def forward_teacher_forced(self, kv_compact, lens, x_BLd_wo_prefix, scales, cos_sin_L, return_hidden=False):
         """Logits for every token given the scale inputs (block-causal mask; spec §6 'teacher-forced')."""
         sos, gss, mem = self.encode_text(kv_compact, lens)
-        B = x_BLd_wo_prefix.shape[0]
         x = torch.cat((sos[:, None] + self.pos_start, self.word_embed(x_BLd_wo_prefix.float())), 1)
         lvl = torch.cat([torch.full((sc.n,), sc.si) for sc in scales]).to(x.device)
         x = x + self.lvl_embed(lvl)[None]
