@@ -137,3 +137,17 @@ def test_a_model_specific_method_config_fills_the_papers_row_of_its_family(tmp_p
     t1 = paper.render(1, store.load(tmp_path))
     row = next(ln for ln in t1.splitlines() if ln.startswith("| hart_0.7b | fastvar |"))
     assert "0.50 / " in row
+
+
+def test_make_tables_for_one_model_and_bench_with_string_columns(tmp_path):
+    """rows carry note/device/family strings: make_tables --model/--bench crashed formatting them as numbers."""
+    from eval import store
+
+    base = {"model": "tiny", "bench": "shapes", "overrides": "default", "n": 4, "git_sha": "x", "device": "cpu:x:2",
+            "family": "sparsevar", "note": "reconstructed"}
+    store.append_rows(tmp_path, [base | {"run": "a", "method": "sparsevar", "metric": m, "value": v}
+                                 for m, v in (("shapes_overall", 0.3), ("speedup", 1.2), ("activation_rate", 0.5))])
+    r = subprocess.run([sys.executable, "scripts/make_tables.py", "--results-root", str(tmp_path), "--model", "tiny",
+                        "--bench", "shapes"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| tiny | shapes | sparsevar[1] | 0.300 |" in r.stdout and "[1] reconstructed" in r.stdout
