@@ -115,6 +115,7 @@ def test_throughput_batches_give_the_batch_1_images(tmp_path):
     """Each image has its own RNG: batch_size 2 gives the images of batch_size 1 (here bit-identical on CPU;
     measured for batch 2 and 4 with method=fastvar over 8 shapes prompts too)."""
     from conftest import compose
+
     from varbench.harness.runner import run
 
     hashes = {}
