@@ -1,22 +1,17 @@
 """Per-image score cache, so a scoring stage resumes where it stopped: one JSON line per scored file, keyed by the
-file's path relative to the image folder, its size and mtime (a regenerated image is scored again)."""
+file's path relative to the image folder, its size and mtime (a regenerated image is scored again). Written with
+``varbench.io``'s JSONL helpers: a line torn by a killed scorer is skipped and never swallows the next one."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from varbench.io import append_jsonl, iter_jsonl
 
 
 class ScoreCache:
     def __init__(self, path: Path, root: Path):
         self.path, self.root = Path(path), Path(root)
-        self.data: dict[str, dict] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                    self.data[r["key"]] = r
-                except (ValueError, KeyError):
-                    continue  # a line cut by a killed run
+        self.data: dict[str, dict] = {r["key"]: r for r in iter_jsonl(self.path) if "key" in r}
 
     def _key(self, f: Path) -> str:
         st = f.stat()
@@ -29,6 +24,4 @@ class ScoreCache:
     def put(self, f: Path, value) -> None:
         r = {"key": self._key(f), "value": value}
         self.data[r["key"]] = r
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(r) + "\n")
+        append_jsonl(self.path, [r])

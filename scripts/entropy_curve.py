@@ -16,7 +16,6 @@ the distribution of t* over the images (Fig. 8 style) is the second panel of ``e
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,8 +32,9 @@ def main(argv=None) -> int:
     import numpy as np
 
     from nova.method import detect_inflection
+    from varbench.io import read_jsonl
 
-    recs = [json.loads(ln) for ln in (a.run_dir / "records.jsonl").read_text().splitlines() if ln.strip()]
+    recs = [r for p in sorted(a.run_dir.glob("records*.jsonl")) for r in read_jsonl(p)]   # shards too
     sums = [r.get("method_summary") or {} for r in recs]
     H = np.array([s["entropy_per_scale"] for s in sums if s.get("entropy_per_scale")], dtype=float)
     if H.size == 0:

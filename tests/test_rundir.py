@@ -123,3 +123,20 @@ def test_reference_dir_comes_from_the_runs_identity_not_from_the_folder(tmp_path
     main2, ref2 = run_paths(cfg | {"run_dir": None}, ["seed=3", "method.fixed_ratios={32:0.4,40:0.5}"])
     assert ref2 == ref and main2.parent == tmp_path / "res/runs/tiny/smoke/nova"
     assert "fixed_ratios" in main2.name and "seed=3" in main2.name
+
+
+def test_score_cache_survives_a_torn_line(tmp_path):
+    """The scorers' per-image cache appended without closing a torn line (the next entry was lost)."""
+    from eval.cache import ScoreCache
+
+    img = tmp_path / "a.png"
+    img.write_bytes(b"x")
+    img2 = tmp_path / "b.png"
+    img2.write_bytes(b"y")
+    c = ScoreCache(tmp_path / "cache.jsonl", tmp_path)
+    c.put(img, 1.0)
+    with open(tmp_path / "cache.jsonl", "a") as f:
+        f.write('{"key": "torn')
+    ScoreCache(tmp_path / "cache.jsonl", tmp_path).put(img2, 2.0)
+    again = ScoreCache(tmp_path / "cache.jsonl", tmp_path)
+    assert again.get(img) == 1.0 and again.get(img2) == 2.0
