@@ -128,6 +128,34 @@ def test_noise_scores_near_zero(kind):
 
 
 @pytest.mark.parametrize("size", [64, 128])
+def test_anchored_layouts_follow_the_prompt_up_to_sub_token_jitter(size):
+    """placement="anchored" (the world model=tiny is trained on): ground truth still scores 1.0, objects sit in the
+    prompt's slots (prompt order left to right, relations as said) within JITTER + SIDE_JITTER px, and the jitter
+    varies with the seed."""
+    from eval.geneval.rules import Det, relative_position
+    from eval.shapes.world import JITTER, SIDE_JITTER, SLOTS
+
+    k = size / 64
+    metas = prompt_set(20, seed=3)
+    for i, m in enumerate(metas):
+        img, objs = sample(m, size, seed=i, placement="anchored")
+        assert score_image(np.asarray(img), m)[0], m["prompt"]
+        centres = [((o.box[0] + o.box[2]) / 2 / k, (o.box[1] + o.box[3]) / 2 / k) for o in objs]
+        if len(objs) != 2:   # every slot has its object (pairs: checked by order below)
+            assert all(min(max(abs(cx - sx), abs(cy - sy)) for cx, cy in centres) <= JITTER + SIDE_JITTER
+                       for sx, sy in SLOTS[len(objs)])
+        if m["tag"] in ("two_object", "color_attr"):      # "A and B": A on the left
+            assert objs[0].box[0] < objs[1].box[0]
+        if m["tag"] == "position":
+            rel = m["include"][-1]["position"][0]
+            assert rel in relative_position(Det(objs[-1].box, 1.0), Det(objs[0].box, 1.0))
+    boxes = {sample(metas[0], size, seed=j, placement="anchored")[1][0].box for j in range(12)}
+    assert len(boxes) > 3
+    with pytest.raises(ValueError, match="placement"):
+        sample(metas[0], size, placement="grid")
+
+
+@pytest.mark.parametrize("size", [64, 128])
 def test_every_texture_family_keeps_ground_truth_exact(size):
     """Each background family x each fill family, at the amplitude bounds: renders score 1.0, boxes are read exactly,
     the background stays below the scorer's foreground threshold and fills stay named by their colour."""

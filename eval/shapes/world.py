@@ -154,8 +154,34 @@ def texture_field(t: Texture, size: int) -> np.ndarray:
     raise ValueError(f"unknown texture family {t.family!r}")
 
 
-def layout(meta: dict, size: int, rng: random.Random) -> list[Obj]:
-    """Objects satisfying the metadata (colours drawn at random where unspecified), non-overlapping."""
+# Anchored layouts (``layout(..., placement="anchored")``): object centres at 64 px, by object count, before jitter.
+# Two objects sit side by side in prompt order ("A and B": A left), or as the relation says ("A above B": A on top).
+SLOTS = {1: [(32, 32)], 2: [(16, 32), (48, 32)], 3: [(18, 20), (46, 20), (32, 46)],
+         4: [(18, 18), (46, 18), (18, 46), (46, 46)]}
+JITTER = 3        # anchored: centres move by up to ±JITTER px (64-px units), less than one 16-grid token (4 px)
+SIDE_JITTER = 2   # anchored: object sides vary by up to ±SIDE_JITTER px
+
+
+def _anchor_centres(meta: dict, n: int) -> list[tuple[int, int]]:
+    if n != 2:
+        return list(SLOTS[n])
+    rel = meta["include"][-1].get("position", [None])[0]
+    (lx, ly), (rx, ry) = SLOTS[2]
+    if rel in ("above", "below"):
+        (lx, ly), (rx, ry) = (ly, lx), (ry, rx)      # the vertical pair: first slot on top
+    # include order is [B, A(rel B)]: the slot of A is the first one for "left of"/"above"
+    return [(rx, ry), (lx, ly)] if rel in ("left of", "above") else [(lx, ly), (rx, ry)]
+
+
+def layout(meta: dict, size: int, rng: random.Random, placement: str = "random") -> list[Obj]:
+    """Objects satisfying the metadata (colours drawn at random where unspecified), non-overlapping.
+
+    ``placement="random"``: positions drawn uniformly (rejection sampling; the world before issue 18's anchoring).
+    ``placement="anchored"``: positions are a function of the prompt (``SLOTS``: count, prompt order, relation) up
+    to sub-token jitter, so coarse scales are predictable from the text and the uncertainty that is left sits in
+    edges, sizes and textures (issue 18: NOVA's structure-first premise)."""
+    if placement not in ("random", "anchored"):
+        raise ValueError(f"unknown placement {placement!r} (random | anchored)")
     objs: list[Obj] = []
     inc = meta["include"]
     for k, req in enumerate(inc):
@@ -163,11 +189,20 @@ def layout(meta: dict, size: int, rng: random.Random) -> list[Obj]:
             color = req.get("color") or rng.choice(sorted(c for c in COLORS if all(o.color != c for o in objs)) or sorted(COLORS))
             objs.append(Obj(req["class"], color, (0, 0, 0, 0)))
     side = max(8, int(size * (0.32 if len(objs) <= 2 else 0.24)))
+    k = size / 64.0
+    centres = _anchor_centres(meta, len(objs)) if placement == "anchored" else None
     for _ in range(200):  # rejection sampling of positions
         boxes = []
-        for o in objs:
-            x, y = rng.randint(1, size - side - 1), rng.randint(1, size - side - 1)
-            boxes.append((x, y, x + side, y + side))
+        for i, o in enumerate(objs):
+            if centres is None:
+                x, y = rng.randint(1, size - side - 1), rng.randint(1, size - side - 1)
+                boxes.append((x, y, x + side, y + side))
+                continue
+            sd = side + round(rng.randint(-SIDE_JITTER, SIDE_JITTER) * k)
+            cx = round((centres[i][0] + rng.uniform(-JITTER, JITTER)) * k)
+            cy = round((centres[i][1] + rng.uniform(-JITTER, JITTER)) * k)
+            x, y = min(max(cx - sd // 2, 1), size - sd - 1), min(max(cy - sd // 2, 1), size - sd - 1)
+            boxes.append((x, y, x + sd, y + sd))
         if any(_overlap(a, b, gap=2) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
             continue
         if "position" in inc[-1]:
@@ -217,12 +252,13 @@ def render(objs: list[Obj], size: int, background: Texture | None = None):
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
-def sample(meta: dict, size: int = 64, seed: int = 0, textures: bool = True):
+def sample(meta: dict, size: int = 64, seed: int = 0, textures: bool = True, placement: str = "random"):
     """A ground-truth image of the prompt (PIL) and its objects (with their fill textures). The background family
     is the metadata's (drawn when absent); its parameters and the fills are drawn from the seed.
-    ``textures=False``: the flat world before issue 18 (white background, flat fills; the same pixels as then)."""
+    ``textures=False``: the flat world before issue 18 (white background, flat fills; the same pixels as then).
+    ``placement``: see ``layout``."""
     rng = random.Random(seed)
-    objs = layout(meta, size, rng)
+    objs = layout(meta, size, rng, placement)
     if not textures:
         return render(objs, size), objs
     bg = random_texture(meta.get("background") or rng.choice(FAMILIES), BG_AMP, rng)
