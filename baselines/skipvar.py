@@ -12,7 +12,7 @@ and ``basic.py`` ``forward_cond``; spec ``shared/specs/methods.md`` §4. Behavio
   * cond-only scales: the backbone slices the batch, conditioning and every KV cache to the cond rows, and the
     logits given to the sampler are cfg·ℓ + (1−cfg)·ℓ (the official formula on cond logits).
 Scale indices are given relative to the schedule's end (``decision_from_end: 4`` = scale 9 of 13), so that the
-rule also runs on other schedule lengths (e.g. model=tiny's 10 scales); on 13 scales it is the official one.
+rule also runs on other schedule lengths (e.g. model=tiny's 12 scales); on 13 scales it is the official one.
 B = 1 (decisions are per image).
 """
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """Train the tiny Infinity-architecture model (``conf/model/tiny.yaml``) on the shapes world, on a CPU.
 
-    python scripts/train_tiny.py             # the run of the shipped weights/tiny/ (47 min, 2 cores; MODEL_CARD.md)
-    python scripts/train_tiny.py --world textured --config my_tiny.yaml --out /tmp/w     # the issue-18 world
+    python scripts/train_tiny.py             # the run of the shipped weights/tiny/ (MODEL_CARD.md): textured world,
+                                             # anchored layouts, conf/model/tiny.yaml (12 scales)
+    python scripts/train_tiny.py --world flat --layout random --steps 1600 --config <10-scale config>
+                                             # the previous (flat-world) weights: git show 7891584:conf/model/tiny.yaml
 
 The architecture, VAE, text encoder and scale schedule are read from the model config, so the script trains
 exactly what ``model=tiny`` builds, with our own classes (the code path of Infinity-2B):
 
-Data: ``--world flat`` (default; the shipped weights) draws white backgrounds and flat fills; ``--world textured`` the
-shapes world with its seeded textures, naming the background in half the prompts (``eval/shapes/world.py``, issue 18).
+Data: ``--world textured`` (default) draws seeded textures on backgrounds and fills and names the background in half
+the prompts; ``--world flat`` white backgrounds and flat fills. ``--layout anchored`` (default) places objects where
+the prompt puts them (count, order, relation) up to sub-token jitter; ``--layout random`` anywhere
+(``eval/shapes/world.py``, issue 18).
 Stage 1: the tiny ``BSQVAE`` learns to reconstruct 64-px shape images through the multi-scale binary spherical
 quantiser of the schedule, with straight-through gradients (``BSQVAE.encode_bits(straight_through=True)``); loss
 L1 + L2.
@@ -41,8 +45,8 @@ import torch.nn.functional as F  # noqa: E402
 SIZE = 64
 
 
-def batch(step: int, n: int, seed: int, world: str = "flat"):
-    """n (prompt, image in [-1, 1]) pairs, a pure function of (seed, step, world)."""
+def batch(step: int, n: int, seed: int, world: str = "flat", placement: str = "random"):
+    """n (prompt, image in [-1, 1]) pairs, a pure function of (seed, step, world, placement)."""
     from eval.shapes.world import TAGS, make_prompt, sample, with_background
 
     rng = random.Random(seed * 1_000_003 + step)
@@ -51,7 +55,8 @@ def batch(step: int, n: int, seed: int, world: str = "flat"):
         meta = make_prompt(TAGS[rng.randrange(len(TAGS))], rng)
         if world == "textured":
             meta = with_background(meta, rng)
-        im, _ = sample(meta, SIZE, seed=rng.randrange(1 << 30), textures=world == "textured")
+        im, _ = sample(meta, SIZE, seed=rng.randrange(1 << 30), textures=world == "textured",
+                       placement=placement)
         prompts.append(meta["prompt"])
         imgs.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(SIZE, SIZE, 3))
     x = torch.stack(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -83,12 +88,15 @@ def main(argv=None) -> int:
     ap.add_argument("--config", type=Path, default=REPO / "conf/model/tiny.yaml")
     ap.add_argument("--out", type=Path, default=None, help="default: the config's package_weights folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--world", choices=("flat", "textured"), default="flat",
+    ap.add_argument("--world", choices=("flat", "textured"), default="textured",
                     help="flat: white background, flat fills (the shipped weights); textured: seeded textures and "
                          "named backgrounds (issue 18)")
+    ap.add_argument("--layout", choices=("random", "anchored"), default="anchored",
+                    help="random: objects anywhere (the shipped flat weights); anchored: positions fixed by the prompt "
+                         "up to sub-token jitter (eval/shapes/world.py SLOTS)")
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--minutes", type=float, default=58.0,
@@ -122,7 +130,7 @@ def main(argv=None) -> int:
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     lr_vae = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, a.vae_steps, 20))
     for step in range(a.vae_steps):
-        _, x = batch(step, a.vae_batch, a.seed, a.world)
+        _, x = batch(step, a.vae_batch, a.seed, a.world, a.layout)
         rec = vae.decoder(vae.encode_bits(x, vae_hws, straight_through=True)[1][:, :, 0])
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
         opt.zero_grad()
@@ -149,7 +157,7 @@ def main(argv=None) -> int:
     t1, stopped = time.time(), None
     ema = None
     for step in range(a.steps):
-        prompts, x = batch(10_000_000 + step, a.batch, a.seed, a.world)
+        prompts, x = batch(10_000_000 + step, a.batch, a.seed, a.world, a.layout)
         with torch.no_grad():
             bits, _ = vae.encode_bits(x, vae_hws)
         kv, lens = text.encode(prompts)   # with gradients: the text encoder is trained too

@@ -11,7 +11,7 @@ from varbench.errors import UserError
 
 def test_custom_schedule_positions_and_rule_widths(trained_tiny_cfg):
     s = schedule_from_config(trained_tiny_cfg["schedule"])
-    assert s.pn == "custom" and len(s.hws) == 10 and s.hws[-1] == (16, 16) and s.total_tokens == 655
+    assert s.pn == "custom" and len(s.hws) == 12 and s.hws[-1] == (16, 16) and s.total_tokens == 785
     assert s.rope_grid == (16, 16)
     pos = rope_positions(s)
     last = pos[-256:]
@@ -80,9 +80,9 @@ def test_width_keyed_methods_act_on_the_custom_schedule(trained_tiny_cfg):
     m = build_method({"name": "fastvar", "prune_ratios": {32: 0.4, 40: 0.5}, "skip_widths": [48, 64],
                       "blocks": [1, 3], "cache_width": 24, "interp": "area"})
     out = generate(bb, ["a red circle"], m, torch.Generator().manual_seed(0))
-    assert out.record.skipped_scales == [8, 9]
-    tok = np.asarray(out.record.tokens)          # [scale, layer] tokens computed (per row)
-    assert tok[6, 0] == 64 and tok[6, 1] < 64 and tok[7, 1] < 100 and tok[5, 1] == 36
+    assert out.record.skipped_scales == [10, 11]   # grids 12x12, 16x16 stand for widths 48, 64
+    tok = np.asarray(out.record.tokens)            # [scale, layer] tokens computed (per row)
+    assert tok[8, 0] == 81 and tok[8, 1] < 81 and tok[9, 1] < 100 and tok[7, 1] == 64
 
 
 def test_straight_through_bsq_has_the_inference_values_and_passes_gradients():

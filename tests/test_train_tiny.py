@@ -1,5 +1,5 @@
 """The tiny-model training script is deterministic for a seed (a short run twice gives identical weights), on the
-textured world (the flat default is the pre-texture world byte for byte: tests/test_shapes.py pins it)."""
+textured world with anchored layouts (the defaults; the flat world is pinned byte for byte by tests/test_shapes.py)."""
 import subprocess
 import sys
 
