@@ -108,7 +108,8 @@ class FastVAR(Method):
             raise UserError(f"{self.name}: no scale of width {self.cfg.cache_width} (the cache scale) ran before scale "
                             f"{lctx.si}; this schedule's widths: {[s.rule_w for s in lctx.scale.schedule]} "
                             f"(set cache_width, or use the method config made for this model)")
-        return sel.scatter(y_kept, self.cache.restore(key, x_in, lctx.scale.hw, self.cfg.interp))
+        base = self.cache.restore(key, x_in, lctx.scale.hw, self.cfg.interp)
+        return sel.scatter(y_kept, base, inplace=base is not x_in)
 
     def summary(self) -> dict:
         return {"skipped_scales": list(self.skipped)}

@@ -86,7 +86,7 @@ class SparseVAR(Method):
         base = x_in
         if self.cfg.restore == "prev_residual":
             base = self.cache.restore(lctx.li, x_in, lctx.scale.hw, self.cfg.interp)
-        return sel.scatter(y_kept, base)
+        return sel.scatter(y_kept, base, inplace=base is not x_in)
 
     def after_layer(self, lctx: LayerCtx, x_in, x_out) -> None:
         if lctx.li == self._score_layer(lctx.scale.spec.depth):

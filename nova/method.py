@@ -375,7 +375,8 @@ class Nova(Method):
         return self.cache.restore(lctx.li, x_in, lctx.scale.hw, self.cfg.interp)
 
     def restore(self, lctx, x_in, y_kept, sel):
-        return sel.scatter(y_kept, self._restore_base(lctx, x_in))
+        base = self._restore_base(lctx, x_in)
+        return sel.scatter(y_kept, base, inplace=base is not x_in)
 
     def after_layer(self, lctx: LayerCtx, x_in, x_out) -> None:
         if self._records_cache(lctx.si):  # Eq. 15, recorded speculatively until t* is known

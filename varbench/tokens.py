@@ -35,10 +35,12 @@ class Selection:
         idx = self._idx(x_BLC)
         return x_BLC.gather(1, idx[..., None].expand(-1, -1, x_BLC.shape[-1]))
 
-    def scatter(self, y_BKC: torch.Tensor, base_BLC: torch.Tensor) -> torch.Tensor:
-        """``base`` with the kept tokens replaced by ``y`` (out of place)."""
+    def scatter(self, y_BKC: torch.Tensor, base_BLC: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``base`` with the kept tokens replaced by ``y``: out of place, or written into ``base`` when the caller
+        owns it (``inplace``: a restore base made for this call; saves a copy of the whole scale)."""
         idx = self._idx(base_BLC)
-        return base_BLC.scatter(1, idx[..., None].expand(-1, -1, base_BLC.shape[-1]), y_BKC.to(base_BLC.dtype))
+        op = base_BLC.scatter_ if inplace else base_BLC.scatter
+        return op(1, idx[..., None].expand(-1, -1, base_BLC.shape[-1]), y_BKC.to(base_BLC.dtype))
 
     def mask(self, rows: int) -> torch.Tensor:
         """Boolean [rows, n_total], True where the token is computed."""
@@ -61,10 +63,12 @@ class Selection:
 def resize_grid(x_BLC: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """Resize per-token features laid out row-major on an (h, w) grid to another grid (for caches across scales)."""
     B, L, C = x_BLC.shape
-    g = x_BLC.transpose(1, 2).reshape(B, C, *src_hw)
+    # [B, h, w, C] seen as NCHW in channels-last layout: no transpose copy in or out (interpolate keeps the layout;
+    # the values are those of the contiguous NCHW path, bit for bit: tests/test_tokens_resize.py)
+    g = x_BLC.reshape(B, *src_hw, C).permute(0, 3, 1, 2)
     kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     g = F.interpolate(g.float(), size=dst_hw, mode=mode, **kw).to(x_BLC.dtype)
-    return g.reshape(B, C, -1).transpose(1, 2)
+    return g.permute(0, 2, 3, 1).reshape(B, -1, C)
 
 
 def check_ratio(value, what: str) -> float:
@@ -115,5 +119,9 @@ class ResidualCache:
         return out if dtype is None else out.to(dtype)
 
     def restore(self, key, x_in_BLC: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
+        """``x_in + resized residual`` as a NEW tensor the caller may write into (``x_in`` itself when nothing is
+        stored for ``key``). The sum is formed in the resized residual's buffer (same values: + commutes)."""
         r = self.resized(key, hw, mode, x_in_BLC.dtype)
-        return x_in_BLC if r is None else x_in_BLC + r
+        if r is None:
+            return x_in_BLC
+        return r.add_(x_in_BLC) if r.shape == x_in_BLC.shape else x_in_BLC + r
