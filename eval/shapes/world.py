@@ -19,7 +19,10 @@ image is not determined by its layout: the scales that resolve a texture have re
 
 In training data (``with_background``) the background family is named in the prompt half of the time ("a red circle
 on stripes"), so the text conditions part of the detail and leaves the rest to chance; the ShapesEval prompts
-(``prompt_set``) name none and are the same as before the textures. Textures stay inside bounds that keep ShapesEval exact
+(``prompt_set``) name none and are the same as before the textures. Layouts: ``placement="random"`` draws positions anywhere (the world before anchoring); ``placement="anchored"`` (what
+``model=tiny`` is trained on) puts objects where the prompt says (``SLOTS``: count, prompt order, relation) up to
+sub-token jitter, so the coarse scales are predictable from the text and edges, sizes and textures are left to chance.
+Textures stay inside bounds that keep ShapesEval exact
 (``tests/test_shapes.py``): the background is grey-darkened by at most ``BG_AMP`` per channel (L2 from white
 < the scorer's 60), object fills move by at most ``FILL_AMP`` per channel around their colour (every object pixel
 stays > 150 from white and its median names the colour).
