@@ -89,11 +89,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="default: the config's package_weights folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world", choices=("flat", "textured"), default="textured",
-                    help="flat: white background, flat fills (the shipped weights); textured: seeded textures and "
-                         "named backgrounds (issue 18)")
+                    help="flat: white background, flat fills (the previous weights); textured: seeded textures and "
+                         "named backgrounds (issue 18; the shipped weights)")
     ap.add_argument("--layout", choices=("random", "anchored"), default="anchored",
-                    help="random: objects anywhere (the shipped flat weights); anchored: positions fixed by the prompt "
-                         "up to sub-token jitter (eval/shapes/world.py SLOTS)")
+                    help="random: objects anywhere (the previous flat weights); anchored: positions fixed by the "
+                         "prompt up to sub-token jitter (eval/shapes/world.py SLOTS; the shipped weights)")
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1500)

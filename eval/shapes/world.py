@@ -19,9 +19,12 @@ image is not determined by its layout: the scales that resolve a texture have re
 
 In training data (``with_background``) the background family is named in the prompt half of the time ("a red circle
 on stripes"), so the text conditions part of the detail and leaves the rest to chance; the ShapesEval prompts
-(``prompt_set``) name none and are the same as before the textures. Layouts: ``placement="random"`` draws positions anywhere (the world before anchoring); ``placement="anchored"`` (what
+(``prompt_set``) name none and are the same as before the textures.
+
+Layouts: ``placement="random"`` draws positions anywhere (the world before anchoring); ``placement="anchored"`` (what
 ``model=tiny`` is trained on) puts objects where the prompt says (``SLOTS``: count, prompt order, relation) up to
 sub-token jitter, so the coarse scales are predictable from the text and edges, sizes and textures are left to chance.
+
 Textures stay inside bounds that keep ShapesEval exact
 (``tests/test_shapes.py``): the background is grey-darkened by at most ``BG_AMP`` per channel (L2 from white
 < the scorer's 60), object fills move by at most ``FILL_AMP`` per channel around their colour (every object pixel
@@ -192,7 +195,7 @@ def layout(meta: dict, size: int, rng: random.Random, placement: str = "random")
             color = req.get("color") or rng.choice(sorted(c for c in COLORS if all(o.color != c for o in objs)) or sorted(COLORS))
             objs.append(Obj(req["class"], color, (0, 0, 0, 0)))
     side = max(8, int(size * (0.32 if len(objs) <= 2 else 0.24)))
-    k = size / 64.0
+    px = size / 64.0   # SLOTS and jitters are given at 64 px
     centres = _anchor_centres(meta, len(objs)) if placement == "anchored" else None
     for _ in range(200):  # rejection sampling of positions
         boxes = []
@@ -201,9 +204,9 @@ def layout(meta: dict, size: int, rng: random.Random, placement: str = "random")
                 x, y = rng.randint(1, size - side - 1), rng.randint(1, size - side - 1)
                 boxes.append((x, y, x + side, y + side))
                 continue
-            sd = side + round(rng.randint(-SIDE_JITTER, SIDE_JITTER) * k)
-            cx = round((centres[i][0] + rng.uniform(-JITTER, JITTER)) * k)
-            cy = round((centres[i][1] + rng.uniform(-JITTER, JITTER)) * k)
+            sd = side + round(rng.randint(-SIDE_JITTER, SIDE_JITTER) * px)
+            cx = round((centres[i][0] + rng.uniform(-JITTER, JITTER)) * px)
+            cy = round((centres[i][1] + rng.uniform(-JITTER, JITTER)) * px)
             x, y = min(max(cx - sd // 2, 1), size - sd - 1), min(max(cy - sd // 2, 1), size - sd - 1)
             boxes.append((x, y, x + sd, y + sd))
         if any(_overlap(a, b, gap=2) for i, a in enumerate(boxes) for b in boxes[i + 1:]):

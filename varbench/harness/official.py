@@ -82,29 +82,40 @@ def _has(module: str) -> bool:
         return False
 
 
-def install_standins() -> list[str]:
-    """Put stand-in modules for missing ``flash_attn`` / ``pytz`` into ``sys.modules``; returns what was supplied."""
-    supplied = []
-    if not _has("flash_attn"):
-        m = types.ModuleType("flash_attn")
-        m.__doc__ = "varbench stand-in: SDPA for the two flash-attn functions the official Infinity code imports"
-        m.flash_attn_func = sdpa_flash_attn_func
-        m.flash_attn_varlen_kvpacked_func = sdpa_flash_attn_varlen_kvpacked_func
-        m.__varbench_standin__ = True
-        sys.modules["flash_attn"] = m
-        supplied.append("flash_attn (SDPA stand-in for flash_attn_func, flash_attn_varlen_kvpacked_func)")
-    elif getattr(sys.modules.get("flash_attn"), "__varbench_standin__", False):
-        supplied.append("flash_attn (SDPA stand-in for flash_attn_func, flash_attn_varlen_kvpacked_func)")
-    if not _has("pytz"):
-        from zoneinfo import ZoneInfo
+def _flash_attn_standin() -> types.ModuleType:
+    m = types.ModuleType("flash_attn")
+    m.__doc__ = "varbench stand-in: SDPA for the two flash-attn functions the official Infinity code imports"
+    m.flash_attn_func = sdpa_flash_attn_func
+    m.flash_attn_varlen_kvpacked_func = sdpa_flash_attn_varlen_kvpacked_func
+    return m
 
-        m = types.ModuleType("pytz")
-        m.timezone = ZoneInfo
-        m.__varbench_standin__ = True
-        sys.modules["pytz"] = m
-        supplied.append("pytz (zoneinfo, log time stamps only)")
-    elif getattr(sys.modules.get("pytz"), "__varbench_standin__", False):
-        supplied.append("pytz (zoneinfo, log time stamps only)")
+
+def _pytz_standin() -> types.ModuleType:
+    from zoneinfo import ZoneInfo
+
+    m = types.ModuleType("pytz")
+    m.timezone = ZoneInfo
+    return m
+
+
+# module name -> (builder of its stand-in, what the table header says)
+STANDINS = {
+    "flash_attn": (_flash_attn_standin, "flash_attn (SDPA stand-in for flash_attn_func, flash_attn_varlen_kvpacked_func)"),
+    "pytz": (_pytz_standin, "pytz (zoneinfo, log time stamps only)"),
+}
+
+
+def install_standins() -> list[str]:
+    """Put stand-in modules for missing ``flash_attn`` / ``pytz`` into ``sys.modules``; returns what was supplied
+    (also when an earlier call supplied it)."""
+    supplied = []
+    for name, (build, label) in STANDINS.items():
+        if not _has(name):
+            m = build()
+            m.__varbench_standin__ = True
+            sys.modules[name] = m
+        if getattr(sys.modules.get(name), "__varbench_standin__", False):
+            supplied.append(label)
     return supplied
 
 
