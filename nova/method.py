@@ -28,6 +28,8 @@ is a field of :class:`NovaConfig`; the README's "NOVA readings" table lists them
   clipping        ``clip_scale_ratio: before_layer`` (default: Ratio_t clipped to [0, r_max] before Eq. 13, then
                   r_{t,j} again) | ``after_layer_only`` (only r_{t,j}); ratio 1 bypasses the block (no compute, no K/V)
   η ≤ 0           ``eta_nonpositive: literal|activate_immediately|never``
+  lens            ``lens: folded`` (default: the backbone's head folded with the AdaLN, bit-pair difference, 1/τ and CFG
+                  weights, ``Backbone.lens_entropy``; same entropies up to float rounding, about half the cost) | ``exact``
 Not implemented (methods.md §2.3 lists them; see the README): ``entropy_branch: post_filter`` (a method sees the
 logits before the backbone's top-k/top-p filter, whose settings it is not given) and ``kv_for_pruned: from_restored``
 (a method cannot project K/V: the block's QKV weights are the backbone's).
@@ -142,6 +144,7 @@ class NovaConfig(MethodConfig):
     t_star: int | None = None         # fix the activation scale (1-based) instead of detecting it
     ratio_override: float | None = None  # force every (scale, layer) ratio at active scales (tests, sweeps)
     record_layer_entropy: bool = True
+    lens: str = "folded"              # folded (the backbone's folded head, where it offers one) | exact (head, guide)
 
     def __post_init__(self):
         choices = {"selection": ("entropy", "mse", "attn"), "ratio_one_means": ("bypass_blocks", "skip_scale"),
@@ -151,7 +154,8 @@ class NovaConfig(MethodConfig):
                    "eta_nonpositive": ("literal", "activate_immediately", "never"),
                    "clip_scale_ratio": ("before_layer", "after_layer_only"),
                    "layer_entropy_source": ("input_lens", "prev_scale_lens", "prev_scale_final"),
-                   "first_layer_score": ("input_lens", "prev_scale_final"), "cache_dtype": tuple(CACHE_DTYPES)}
+                   "first_layer_score": ("input_lens", "prev_scale_final"), "cache_dtype": tuple(CACHE_DTYPES),
+                   "lens": ("folded", "exact")}
         for k, ok in choices.items():
             if str(getattr(self, k)) not in ok:
                 raise UserError(f"nova.{k} must be one of {ok}, got {getattr(self, k)!r}")
@@ -216,7 +220,10 @@ class Nova(Method):
 
     # -- entropy of a logits tensor in the configured unit
     def _entropy(self, logits: torch.Tensor, head_type: str, d: int) -> torch.Tensor:
-        e = token_entropy(logits, head_type)
+        return self._unit(token_entropy(logits, head_type), head_type, d)
+
+    def _unit(self, e: torch.Tensor, head_type: str, d: int) -> torch.Tensor:
+        """Nats summed over bits -> the configured unit (``entropy_reduction``, ``log_base``)."""
         if self.cfg.entropy_reduction == "mean_bit" and head_type == "bitwise":
             e = e / d
         return e / math.log(2) if self.cfg.log_base == "2" else e
@@ -242,9 +249,19 @@ class Nova(Method):
 
     def _lens(self, lctx: LayerCtx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logit lens on a hidden state -> (stat map, rank map). ``entropy_branch: cond`` with a shared kept set
-        needs the cond rows only, so the uncond rows' lens is not computed."""
-        spec = lctx.scale.spec
-        if self.cfg.entropy_branch == "cond" and self.cfg.cfg_index_mode == "shared":
+        needs the cond rows only, so the uncond rows' lens is not computed. ``lens: folded`` (with a shared kept set,
+        on a backbone that offers ``lens_entropy``) takes the same entropies from the backbone's folded head: equal up
+        to float rounding, about half the cost (the lens is most of NOVA's bookkeeping); ``exact`` applies the head
+        and ``guide`` as sampling does."""
+        spec, c = lctx.scale.spec, self.cfg
+        if c.lens == "folded" and lctx.lens_entropy is not None and c.cfg_index_mode == "shared":
+            if c.entropy_branch == "cond":
+                e = lctx.lens_entropy(x[: lctx.scale.batch], "rows")
+            else:
+                e = lctx.lens_entropy(x, "guided")
+            stat = self._unit(e, spec.head_type, spec.head_dim_out)[:1]
+            return stat, stat
+        if c.entropy_branch == "cond" and c.cfg_index_mode == "shared":
             return self._maps(lctx.head_logits(x[: lctx.scale.batch]), None, None, spec)
         return self._maps(*lctx.guide(lctx.head_logits(x)), spec)
 

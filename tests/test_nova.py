@@ -235,15 +235,19 @@ class Probe(Nova):
         self.seen, self.outs, self.final, self.lens_rows = {}, {}, {}, []
 
     def select(self, lctx, x):
-        head = lctx.head_logits
+        head, folded = lctx.head_logits, lctx.lens_entropy
 
         def counting_head(h):
             self.lens_rows.append((lctx.si, lctx.li, h.shape[0]))
             return head(h)
-        lctx.head_logits = counting_head
+
+        def counting_folded(h, *a):   # the folded lens (lens: folded, the default) sees the same hidden states
+            self.lens_rows.append((lctx.si, lctx.li, h.shape[0]))
+            return folded(h, *a)
+        lctx.head_logits, lctx.lens_entropy = counting_head, counting_folded
         cache = self.cache.get(lctx.li)
         sel = super().select(lctx, x)
-        lctx.head_logits = head
+        lctx.head_logits, lctx.lens_entropy = head, folded
         self.seen[(lctx.si, lctx.li)] = (x.clone(), sel, cache)
         return sel
 

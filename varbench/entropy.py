@@ -14,7 +14,13 @@ import torch.nn.functional as F
 def bitwise_entropy(logits: torch.Tensor) -> torch.Tensor:
     """[..., 2d] -> [...]: sum_j h(sigmoid(l_j1 - l_j0)), h the binary entropy."""
     pairs = logits.float().reshape(*logits.shape[:-1], -1, 2)
-    delta = pairs[..., 1] - pairs[..., 0]
+    return bitwise_entropy_from_delta(pairs[..., 1] - pairs[..., 0])
+
+
+def bitwise_entropy_from_delta(delta: torch.Tensor) -> torch.Tensor:
+    """[..., d] logit differences l_j1 - l_j0 -> [...]: sum_j h(sigmoid(delta_j)) (a bit's distribution depends on
+    its pair only through the difference; a folded logit lens computes the differences directly)."""
+    delta = delta.float()
     p = torch.sigmoid(delta)
     # h(p) = softplus(delta) - p*delta is the stable form of -p ln p - (1-p) ln(1-p)
     return (F.softplus(delta) - p * delta).sum(-1)

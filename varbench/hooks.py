@@ -15,6 +15,9 @@ A method (NOVA, FastVAR, ...) subclasses :class:`Method` and overrides only the 
 Logits reach ``after_logits`` before any top-k/top-p filtering and are never edited in place by the sampler.
 ``lctx.head_logits(h)`` applies the backbone's head to any hidden state ("logit lens"); ``lctx.guide(logits)``
 turns such logits into (cond, uncond, guided) exactly as the sampler's input is formed (CFG, temperature).
+``lctx.lens_entropy(h, mix)``, where a backbone offers it (Infinity), is the entropy of those logits computed with the
+head folded (``mix="guided"``: of the guided logits; ``"rows"``: of each row's logits / temperature): same values up
+to float rounding, a fraction of the cost.
 Methods never receive the backbone: ``sctx.spec`` and ``sctx.schedule`` describe it, ``sctx.preview`` decodes a
 state (the state object passed to ``after_scale`` is opaque to methods).
 
@@ -78,6 +81,7 @@ class LayerCtx:
     kv_segments: tuple[int, ...] = ()  # keys each earlier scale added to this layer's cache (scale order)
     head_logits: Callable[[torch.Tensor], torch.Tensor] | None = None   # backbone head on any hidden state
     guide: Callable[[torch.Tensor], tuple] | None = None                # logits -> (cond, uncond, guided), as for sampling
+    lens_entropy: Callable[..., torch.Tensor] | None = None             # (h, mix) -> lens entropy maps, folded head (if offered)
     attn_keys: float | None = None     # set by a sparse attention kernel: mean keys attended per query (FLOP count)
     extra: dict = field(default_factory=dict)
 

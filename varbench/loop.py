@@ -34,7 +34,9 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
     kv_before = kv.length
     lctx = LayerCtx(sctx, li, kv_len=kv_before, kv_segments=tuple(segs),
                     head_logits=lambda h: backbone.head(h, cond, scale),
-                    guide=lambda logits: backbone.guide(logits, cond, scale))
+                    guide=lambda logits: backbone.guide(logits, cond, scale),
+                    lens_entropy=(lambda h, mix="guided": backbone.lens_entropy(h, cond, scale, mix))
+                    if hasattr(backbone, "lens_entropy") else None)
     with prange("vb.method.attention"):
         attn_fn = method.attention(lctx) or sdpa_attention
     x_block_in, counts = x, []

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from varbench.backbones.base import BackboneSpec
-from varbench.backbones.infinity.model import InfinityTransformer, KVCache, TextMemory
+from varbench.backbones.infinity.model import NORM_EPS, InfinityTransformer, KVCache, TextMemory
 from varbench.backbones.infinity.schedules import Schedule, rope_cos_sin, rope_positions
 from varbench.backbones.infinity.vae import BSQVAE, bits_to_codes
+from varbench.entropy import bitwise_entropy_from_delta
 
 
 @dataclass
@@ -43,6 +44,7 @@ class InfinityCond:
     batch: int                    # images B
     rows: int                     # B, or 2B with CFG
     cfg: bool = False             # CFG is on for this generation (stays True when a method drops the uncond rows)
+    lens_heads: dict = field(default_factory=dict, repr=False, compare=False)   # folded lens heads (lens_entropy)
 
 
 @dataclass
@@ -185,6 +187,43 @@ class InfinityBackbone:
             lcs = lc.mul(1 / tau)
             return lc, None, cfg * lcs + (1 - cfg) * lcs
         return lc, lu, lc.mul(1 / tau)
+
+    def lens_entropy(self, h: torch.Tensor, cond: InfinityCond, scale, mix: str = "guided") -> torch.Tensor:
+        """Logit-lens entropy maps in nats (sum over bits) of hidden states ``h`` [R, n, C], with the head FOLDED.
+
+        ``mix="guided"`` (h holds every row): [B, n], the entropy of ``guide(head(h))[2]``; ``mix="rows"``: [R, n],
+        the entropy of each row's own logits / tau. Same quantity as the unfolded path, computed in fewer passes
+        over the hidden state: a bit's distribution depends on its logit pair only through d = l_1 - l_0, and the head
+        is linear after the LayerNorm, so the AdaLN scale/shift of each row (``head_nm``), the pair difference,
+        1/tau and the CFG weights fold into a per-row [d_bits, C] matrix: one LayerNorm, one batched matmul with
+        half the head's outputs, and no AdaLN pass (the unfolded path: LayerNorm, AdaLN, the full head, the CFG mix).
+        Values agree with the unfolded path up to float rounding (tests/test_lens.py)."""
+        m, B, R, C = self.model, cond.batch, h.shape[0], h.shape[-1]
+        tau, cfg = self.sampling.per_scale(self.sampling.tau, scale.si), self._cfg(scale.si)
+        if mix not in ("guided", "rows"):
+            raise ValueError(f"mix must be 'guided' or 'rows', got {mix!r}")
+        mixing = mix == "guided" and self.sampling.cfg_insertion_layer == 0 and cfg != 1 and cond.rows > B
+        if mix == "guided" and R != cond.rows:
+            raise ValueError(f"mix='guided' needs every row of the hidden state ({cond.rows}), got {R}")
+        with torch.autocast(h.device.type, enabled=False):
+            key = (R, mixing, tau, cfg)   # the text condition is fixed for a generation: fold once per scale setting
+            if key not in cond.lens_heads:
+                scale_, shift = m.head_nm.ada_lin(cond.sos[:R].float()).view(R, 2, C).unbind(1)   # as head_nm
+                W, b = m.head.weight.float(), m.head.bias.float()
+                Wd, bd = W[1::2] - W[0::2], b[1::2] - b[0::2]                                    # [d, C], [d]
+                coef = torch.full((R, 1), 1 / tau, device=h.device)
+                if mixing:   # guided = cfg·(cond/tau) + (1-cfg)·(uncond/tau)
+                    coef[:B], coef[B:] = cfg / tau, (1 - cfg) / tau
+                w = Wd[None] * scale_.add(1)[:, None, :] * coef[..., None]                        # [R, d, C]
+                cond.lens_heads[key] = (w.transpose(1, 2), ((shift @ Wd.T + bd) * coef)[:, None, :])
+            w, bias = cond.lens_heads[key]
+            xn = F.layer_norm(h.float(), (C,), eps=NORM_EPS)
+            delta = torch.baddbmm(bias, xn, w)                                                # [R, n, d]
+        if mixing:
+            delta = delta[:B] + delta[B:]
+        elif mix == "guided":
+            delta = delta[:B]
+        return bitwise_entropy_from_delta(delta)
 
     def preview(self, state: InfinityState, si: int) -> torch.Tensor:
         """Decode the accumulated codes resized (trilinear, as the official code) to the VAE grid of scale ``si``."""
