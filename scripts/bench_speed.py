@@ -86,6 +86,8 @@ def parse(argv):
     ap.add_argument("--set", action="append", default=[], help="<method or model>.<key>=<value>, e.g. nova.t_star=6")
     ap.add_argument("--official", metavar="PATH", help="a FoundationVision/Infinity checkout: time it beside ours")
     ap.add_argument("--profile", action="store_true", help="add a per-image breakdown from torch.profiler ranges")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile our blocks' pure parts (compile=true; compiled during the warmup runs)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     ap.add_argument("--pin", default="", help="CPU affinity, e.g. 0,1 or 0-3 (Linux)")
     ap.add_argument("--spread-warn", type=float, default=0.10, help="warn when (max-min)/median exceeds this")
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
     methods = {n: build_method(c) for n, c in mcfgs.items()}  # option errors surface here, before the model
     if a.random_weights:
         mcfg["files"] = None
-    bb = build_backbone(mcfg, device, dtype)
+    bb = build_backbone(mcfg, device, dtype, compile=a.compile)
     official = None
     if a.official:
         from varbench.harness.official import build_official
@@ -242,7 +244,8 @@ def main(argv=None) -> int:
     weights = ("random weights (speed only)" if (a.random_weights or (not mcfg.get("files") and not mcfg.get("package_weights")))
                else "trained weights")
     stat = {n: (min(v), statistics.median(v), max(v)) for n, v in per_round.items()}
-    print(f"# {a.model} on {label}, {dtype}, {weights}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"# {a.model} on {label}, {dtype}{', ours with compile=true' if a.compile else ''}, {weights}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{', pinned to CPUs ' + a.pin if a.pin else ''}{f' (affinity {aff})' if aff and not a.pin else ''}")
     print(f"# per-image scale-loop latency (text encoder cached, no VAE decode); {len(prompts)} prompts x "
           f"{a.repeats} round-robin rounds (rotating order) after {a.warmup} warmup run(s) per runner ({t_warm:.0f} s)")

@@ -63,8 +63,16 @@ def backbone_builder(family: str):
     return _load(BACKBONES, "backbone family", family)
 
 
-def build_backbone(model_cfg: dict, device: str, dtype: str):
-    return backbone_builder(model_cfg.get("family", "infinity"))(model_cfg, device=device, dtype=dtype)
+def build_backbone(model_cfg: dict, device: str, dtype: str, compile: bool = False):
+    """The backbone of a model config; ``compile=True`` (opt-in ``torch.compile`` of the blocks) where the family
+    supports it (Infinity), else a one-line error."""
+    family = model_cfg.get("family", "infinity")
+    if not compile:
+        return backbone_builder(family)(model_cfg, device=device, dtype=dtype)
+    if family != "infinity":
+        raise UserError(f"compile=true is implemented for Infinity backbones; model "
+                        f"{model_cfg.get('name')!r} is {family!r} (run it with compile=false)")
+    return backbone_builder(family)(model_cfg, device=device, dtype=dtype, compile=True)
 
 
 def register_configs() -> None:

@@ -47,6 +47,8 @@ def canonical(obj) -> str:
 def identity(cfg: dict, device: str, dtype: str, threads: int | None) -> dict:
     """The effective settings that determine the images of a run (resolved device/dtype/threads included)."""
     ident = {k: v for k, v in cfg.items() if k not in NON_IDENTITY and k not in ("model", "method", "bench")}
+    if not ident.get("compile"):   # added after runs existed: off (the default) keeps their identities unchanged
+        ident.pop("compile", None)
     bench = {k: v for k, v in cfg["bench"].items() if k not in BENCH_NON_IDENTITY and not isinstance(v, dict)}
     method = {k: v for k, v in cfg["method"].items() if k != "footnote"}
     model = {k: v for k, v in cfg["model"].items() if k not in ("weights_dir", "trust_pickle", "files")}

@@ -53,6 +53,14 @@ class Item:
 
 
 # ------------------------------------------------------------------ settings
+def _bool(cfg: dict, key: str) -> bool:
+    """A boolean option: true/false (YAML/CLI) or absent (false); anything else is a one-line error."""
+    value = cfg.get(key, False)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise UserError(f"{key} must be true or false, got {value!r}")
+
+
 def _int(cfg: dict, key: str, value, lo: int | None = None, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -323,6 +331,7 @@ def _run(cfg: dict, overrides: list[str] | None = None) -> dict:
     threads = resolve_threads(cfg.get("threads", "auto"), device)
     seed = _int(cfg, "seed", cfg.get("seed", 0), lo=0)
     bs = _int(cfg, "batch_size", cfg.get("batch_size", 1), lo=1)
+    use_compile = _bool(cfg, "compile")
     method = build_method(cfg["method"])                 # fail fast on names and options
     family = cfg["method"].get("family") or cfg["method"]["name"]
     fams = type(method).FAMILIES
@@ -338,7 +347,7 @@ def _run(cfg: dict, overrides: list[str] | None = None) -> dict:
     distributed = _dist_init(shard, device)
     counts = {"generated": 0, "reused": len(items)}
     if stage in ("generate", "all"):
-        backbone = build_backbone(cfg["model"], device, dtype)
+        backbone = build_backbone(cfg["model"], device, dtype, compile=use_compile)
         warn = method.check_schedule(backbone.scales())
         if warn:
             print(f"[varbench] warning: {warn}", file=sys.stderr)

@@ -136,11 +136,11 @@ def load_package_weights(name: str, tf, vae, text) -> None:
             raise UserError(f"{folder / f} does not match the model config: {state_dict_mismatch(e)}") from None
 
 
-def build_infinity(mcfg, device="cpu", dtype="fp32") -> InfinityBackbone:
+def build_infinity(mcfg, device="cpu", dtype="fp32", compile: bool = False) -> InfinityBackbone:
     """``mcfg``: a model config node (see ``conf/model/infinity_2b.yaml`` and ``tiny.yaml``).
 
     Weights: official files (``files``), the project's own trained weights (``package_weights``), or, with
-    neither, drawn from ``seed``."""
+    neither, drawn from ``seed``. ``compile``: ``torch.compile`` the blocks' pure parts (``compile_blocks``)."""
     a, v = mcfg["arch"], mcfg["vae"]
     paths = None
     if mcfg.get("files"):
@@ -160,6 +160,8 @@ def build_infinity(mcfg, device="cpu", dtype="fp32") -> InfinityBackbone:
         text = T5TextEncoder.from_pretrained(str(paths["text_encoder"]), a["text_maxlen"], device, text_dtype)
     tf.to(device).eval()
     vae.to(device).eval()
+    if compile:
+        tf.compile_blocks()
     schedule = schedule_from_config(mcfg["schedule"])
     smp = Sampling(**dict(mcfg["sampling"]))
     return InfinityBackbone(tf, vae, text, schedule, smp, patchify, device, dtype, mcfg.get("name", "infinity"))

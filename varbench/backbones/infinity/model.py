@@ -123,6 +123,26 @@ class TextMemory:
         return TextMemory(self.kv_BTC[:n], self.mask_BT[:n], {k: (a[:n], b[:n]) for k, (a, b) in self.cache.items()})
 
 
+def sa_qkv(sa: SelfAttention, x: torch.Tensor, cos_sin: torch.Tensor):
+    """The pure part of self-attention before the K/V cache: projection, cosine normalisation with the learned
+    per-head temperature, RoPE. One of the block's ``kernels`` (compiled by ``compile_blocks``)."""
+    B, L, C = x.shape
+    bias = torch.cat((sa.q_bias, sa.zero_k_bias, sa.v_bias))
+    q, k, v = F.linear(x, sa.mat_qkv.weight, bias).view(B, L, 3, sa.H, sa.c).permute(2, 0, 3, 1, 4).unbind(0)
+    scale_mul = sa.scale_mul_1H11.clamp_max(sa.max_scale_mul).exp()
+    q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul)
+    k = F.normalize(k, dim=-1, eps=1e-12)
+    return apply_rope(q, cos_sin).to(q.dtype), apply_rope(k, cos_sin).to(k.dtype), v
+
+
+def ffn_branch(ffn: FFN, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, gamma: torch.Tensor):
+    """The FFN branch's increment: AdaLN, MLP, gate. One of the block's ``kernels``."""
+    return ffn(ada_layer_norm(x, scale, shift)).mul(gamma)
+
+
+EAGER_KERNELS = {"sa_qkv": sa_qkv, "ffn_branch": ffn_branch}
+
+
 class SelfAttention(nn.Module):
     """Cosine self-attention with a learned per-head temperature and 2-D RoPE (spec §4.2)."""
 
@@ -135,15 +155,11 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(C))
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
         self.proj = nn.Linear(C, C)
+        self.kernels = EAGER_KERNELS
 
     def forward(self, x, cos_sin, kv: KVCache | None, mask=None, attn_fn: AttnFn = sdpa_attention, ctx=None):
         B, L, C = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.H, self.c).permute(2, 0, 3, 1, 4).unbind(0)
-        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-        q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul)
-        k = F.normalize(k, dim=-1, eps=1e-12)
-        q, k = apply_rope(q, cos_sin).to(q.dtype), apply_rope(k, cos_sin).to(k.dtype)
+        q, k, v = self.kernels["sa_qkv"](self, x, cos_sin)
         if kv is not None:
             with prange("vb.kv_cache"):
                 k, v = kv.append(k, v)
@@ -215,6 +231,7 @@ class CrossAttnBlock(nn.Module):
         self.ca = CrossAttention(C, kv_dim, H)
         self.ffn = FFN(C, round(C * mlp_ratio / 256) * 256)
         self.ca_norm = nn.LayerNorm(C, eps=NORM_EPS)
+        self.kernels = EAGER_KERNELS
 
     def _gss(self, gss):  # order: gamma1, gamma2, scale1, scale2, shift1, shift2 (spec §11.3)
         return (self.ada_gss + gss).unbind(2)
@@ -230,7 +247,7 @@ class CrossAttnBlock(nn.Module):
             xn = F.layer_norm(x.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
             return self.ca(xn, mem, cache_key).float()
         if name == "ffn":
-            return self.ffn(ada_layer_norm(x, s2, sh2)).mul(g2)
+            return self.kernels["ffn_branch"](self.ffn, x, s2, sh2, g2)
         raise ValueError(f"unknown branch {name!r}")
 
     def forward(self, x, **kw):
@@ -269,6 +286,18 @@ class InfinityTransformer(nn.Module):
         blocks = [CrossAttnBlock(C, num_heads, C, mlp_ratio) for _ in range(depth)]
         self.block_chunks = nn.ModuleList(_Chunk(blocks[i * per:(i + 1) * per]) for i in range(block_chunks))
         self.blocks = blocks  # plain list (not registered twice): global index -> block
+
+    def compile_blocks(self, **options) -> None:
+        """Opt-in ``torch.compile`` of the blocks' pure parts (``compile=true``): ``sa_qkv`` (projection, cosine
+        normalisation, RoPE) and ``ffn_branch`` (AdaLN, MLP, gate), token count and rows dynamic. The K/V cache,
+        the attention kernel (a method's, or SDPA's flash/efficient backends), cross-attention and every method
+        hook stay eager, so methods steer a compiled model exactly as an eager one. One compiled function serves
+        every block (modules are inputs of the graph). Numerics: those of inductor's fused kernels, not
+        bit-identical to eager, which is why it is off by default (the golden fixtures and default job are eager)."""
+        opts = {"dynamic": True} | options
+        kernels = {name: torch.compile(fn, **opts) for name, fn in EAGER_KERNELS.items()}
+        for blk in self.blocks:
+            blk.kernels = blk.sa.kernels = kernels
 
     # ---- conditioning (spec §2) ----
     def encode_text(self, kv_compact: torch.Tensor, lens: list[int]):
