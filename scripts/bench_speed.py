@@ -87,7 +87,8 @@ def parse(argv):
     ap.add_argument("--official", metavar="PATH", help="a FoundationVision/Infinity checkout: time it beside ours")
     ap.add_argument("--profile", action="store_true", help="add a per-image breakdown from torch.profiler ranges")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile our blocks' pure parts (compile=true; compiled during the warmup runs)")
+                    help="also time each of our runs with compile=true (rows <name>+compile, same weights; their "
+                         "speedups divide none+compile; compiled during the warmup runs)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     ap.add_argument("--pin", default="", help="CPU affinity, e.g. 0,1 or 0-3 (Linux)")
     ap.add_argument("--spread-warn", type=float, default=0.10, help="warn when (max-min)/median exceeds this")
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     methods = {n: build_method(c) for n, c in mcfgs.items()}  # option errors surface here, before the model
     if a.random_weights:
         mcfg["files"] = None
-    bb = build_backbone(mcfg, device, dtype, compile=a.compile)
+    bb = build_backbone(mcfg, device, dtype)
     official = None
     if a.official:
         from varbench.harness.official import build_official
@@ -184,8 +185,10 @@ def main(argv=None) -> int:
     bb.text = cached_text
     feats = {p: cached_text([p]) for p in prompts}
 
-    def ours(m):
+    def ours(m, compiled=False):
         def run(i, p):
+            if a.compile:   # the same weights, eager or compiled block kernels (compile=true)
+                bb.model.compile_blocks(compiled)
             out = generate(bb, [p], m, torch.Generator(device=bb.device).manual_seed(i))
             return out.record.total_time_s - out.record.decode_time_s, out
         return run
@@ -202,6 +205,8 @@ def main(argv=None) -> int:
         return dt, None
 
     runners = {n: ours(m) for n, m in methods.items()}
+    if a.compile:
+        runners |= {f"{n}+compile": ours(m, True) for n, m in methods.items()}
     if official is not None:
         runners = {"official": theirs, **runners}
     order = list(runners)
@@ -230,6 +235,8 @@ def main(argv=None) -> int:
             per_round[n].append(sums[n] / len(prompts))
     if official is not None:
         flops["official"] = flops["none"]
+    if a.compile:
+        bb.model.compile_blocks(False)   # the equality check and the profile run the eager kernels
 
     equality = equality_check(bb, official, prompts[0], CrossAttention) if official is not None else None
 
@@ -244,7 +251,7 @@ def main(argv=None) -> int:
     weights = ("random weights (speed only)" if (a.random_weights or (not mcfg.get("files") and not mcfg.get("package_weights")))
                else "trained weights")
     stat = {n: (min(v), statistics.median(v), max(v)) for n, v in per_round.items()}
-    print(f"# {a.model} on {label}, {dtype}{', ours with compile=true' if a.compile else ''}, {weights}; "
+    print(f"# {a.model} on {label}, {dtype}{', ours eager and with compile=true' if a.compile else ''}, {weights}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{', pinned to CPUs ' + a.pin if a.pin else ''}{f' (affinity {aff})' if aff and not a.pin else ''}")
     print(f"# per-image scale-loop latency (text encoder cached, no VAE decode); {len(prompts)} prompts x "
@@ -252,7 +259,6 @@ def main(argv=None) -> int:
     if official is not None:
         print(f"# official: FoundationVision/Infinity autoregressive_infer_cfg from {official.checkout}, our weights; "
               f"stand-ins: {'; '.join(official.standins) or 'none (flash-attn installed)'}")
-    base, bmin = stat["none"][1], stat["none"][0]
     bflops = sum(flops["none"])
     print("| run | min (s) | median (s) | max (s) | spread | speedup vs none (median) | speedup (min) | "
           "FLOP-ideal speedup | realized / ideal | latency / official (median) | peak memory (GPU) |")
@@ -264,6 +270,7 @@ def main(argv=None) -> int:
         if spread > a.spread_warn:
             wide.append(f"{n} {spread:.0%}")
         ideal = bflops / sum(flops[n]) if sum(flops[n]) else float("nan")
+        bmin, base, _ = stat["none+compile" if n.endswith("+compile") else "none"]   # same-kernel baseline
         real = base / med
         vs_off = f"{med / stat['official'][1]:.2f}x" if official is not None else "—"
         print(f"| {n} | {lo:.3f} | {med:.3f} | {hi:.3f} | {spread:.0%} | {real:.2f}x | {bmin / lo:.2f}x | "
@@ -271,6 +278,9 @@ def main(argv=None) -> int:
     if official is not None:
         lo, med, _ = stat["official"]
         print(f"\nours none / official: {stat['none'][1] / med:.2f}x (medians), {stat['none'][0] / lo:.2f}x (minima)")
+        if a.compile:
+            print(f"ours none+compile / official: {stat['none+compile'][1] / med:.2f}x (medians), "
+                  f"{stat['none+compile'][0] / lo:.2f}x (minima); speedups of +compile rows divide none+compile")
     if equality:
         print(equality)
     if wide:

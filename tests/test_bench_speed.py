@@ -143,3 +143,15 @@ def test_static_kv_cache_equals_concatenation_and_falls_back_when_full():
     k, v = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 2, 3, 4, generator=g)
     ks, _ = static.append(k, v)  # 21 + 3 > capacity: concatenation
     assert ks.shape == (1, 2, 24, 4) and torch.equal(ks[:, :, -3:], k) and torch.equal(ks[:, :, :21], grown.k[:1])
+
+
+@pytest.mark.slow
+def test_compile_rows_beside_eager_rows():
+    """--compile times each of our runs a second time with compile=true on the same weights, in the same rounds."""
+    r = _run("--model", "tiny_random", "--methods", "none,nova", "--prompts", "1", "--repeats", "1", "--warmup", "1",
+             "--set", "nova.t_star=6", "--threads", "1", "--compile")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
+    assert {"none", "nova", "none+compile", "nova+compile"} <= set(rows)
+    assert "| 1.00x |" in rows["none+compile"]          # its speedup divides none+compile, not eager none
+    assert "ours eager and with compile=true" in r.stdout.splitlines()[0]

@@ -44,5 +44,10 @@ def test_compiled_blocks_generate_what_eager_blocks_generate(tiny_cfg, tiny_back
             assert (compiled.images - eager.images).abs().max() < 1e-3
         frames = torch._dynamo.utils.counters["frames"]
         assert frames["ok"] >= 2          # both kernels were compiled and run
+        comp.model.compile_blocks(False)  # eager kernels back, on the same weights: eager's images bit for bit
+        assert all(b.kernels is EAGER_KERNELS for b in comp.model.blocks)
+        again = generate(comp, ["a red circle"], None, torch.Generator().manual_seed(0))
+        assert torch.equal(again.images, generate(tiny_backbone, ["a red circle"], None,
+                                                  torch.Generator().manual_seed(0)).images)
     finally:
         torch._dynamo.reset()

@@ -287,15 +287,19 @@ class InfinityTransformer(nn.Module):
         self.block_chunks = nn.ModuleList(_Chunk(blocks[i * per:(i + 1) * per]) for i in range(block_chunks))
         self.blocks = blocks  # plain list (not registered twice): global index -> block
 
-    def compile_blocks(self, **options) -> None:
+    def compile_blocks(self, enable: bool = True, **options) -> None:
         """Opt-in ``torch.compile`` of the blocks' pure parts (``compile=true``): ``sa_qkv`` (projection, cosine
         normalisation, RoPE) and ``ffn_branch`` (AdaLN, MLP, gate), token count and rows dynamic. The K/V cache,
         the attention kernel (a method's, or SDPA's flash/efficient backends), cross-attention and every method
         hook stay eager, so methods steer a compiled model exactly as an eager one. One compiled function serves
         every block (modules are inputs of the graph). Numerics: those of inductor's fused kernels, not
-        bit-identical to eager, which is why it is off by default (the golden fixtures and default job are eager)."""
-        opts = {"dynamic": True} | options
-        kernels = {name: torch.compile(fn, **opts) for name, fn in EAGER_KERNELS.items()}
+        bit-identical to eager, which is why it is off by default (the golden fixtures and default job are eager).
+        ``enable=False`` puts the eager kernels back (the compiled ones are kept for the next ``enable=True``), so
+        a benchmark can time both on the same weights in one process."""
+        if enable and getattr(self, "_compiled_kernels", None) is None:
+            opts = {"dynamic": True} | options
+            self._compiled_kernels = {name: torch.compile(fn, **opts) for name, fn in EAGER_KERNELS.items()}
+        kernels = self._compiled_kernels if enable else EAGER_KERNELS
         for blk in self.blocks:
             blk.kernels = blk.sa.kernels = kernels
 
