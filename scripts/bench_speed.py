@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     from varbench import profiling
     from varbench.backbones.infinity.model import CrossAttention
     from varbench.flops import generation_flops
-    from varbench.harness.registry import build_backbone, build_method
+    from varbench.harness.registry import build_backbone, build_method, check_compile
     from varbench.harness.runner import resolve_device
     from varbench.loop import generate
     from varbench.records import peak_memory_bytes, reset_peak_memory, sync
@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     methods = {n: build_method(c) for n, c in mcfgs.items()}  # option errors surface here, before the model
     if a.random_weights:
         mcfg["files"] = None
+    if a.compile:
+        check_compile(mcfg)
     bb = build_backbone(mcfg, device, dtype)
     official = None
     if a.official:

@@ -155,3 +155,20 @@ def test_compile_rows_beside_eager_rows():
     assert {"none", "nova", "none+compile", "nova+compile"} <= set(rows)
     assert "| 1.00x |" in rows["none+compile"]          # its speedup divides none+compile, not eager none
     assert "ours eager and with compile=true" in r.stdout.splitlines()[0]
+
+
+def test_compile_on_a_backbone_without_it_is_one_line_before_any_model_loads(monkeypatch):
+    r = _run("--model", "hart_tiny_random", "--methods", "none", "--compile", timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "compile=true is implemented for Infinity backbones" in lines[0], r.stderr
+    mod = _script()
+    import varbench.harness.registry as reg
+    import varbench.harness.runner  # noqa: F401  (main imports it: bind the real build_backbone before the patch)
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the compile check")
+
+    monkeypatch.setattr(reg, "build_backbone", boom)
+    with pytest.raises(mod.UserError, match="compile=true is implemented"):
+        mod.main(["--model", "hart_tiny_random", "--methods", "none", "--compile"])

@@ -11,6 +11,7 @@ yamls in ``conf/method/`` only override defaults (one source of truth for defaul
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import fields
 
 from hydra.core.config_store import ConfigStore
@@ -64,15 +65,20 @@ def backbone_builder(family: str):
 
 
 def build_backbone(model_cfg: dict, device: str, dtype: str, compile: bool = False):
-    """The backbone of a model config; ``compile=True`` (opt-in ``torch.compile`` of the blocks) where the family
-    supports it (Infinity), else a one-line error."""
+    """The backbone of a model config; ``compile=True`` (opt-in ``torch.compile`` of the blocks) where the family's
+    builder offers it (a ``compile`` parameter: Infinity), else a one-line error."""
+    builder = backbone_builder(model_cfg.get("family", "infinity"))
+    if compile:
+        check_compile(model_cfg)
+    return builder(model_cfg, device=device, dtype=dtype, **({"compile": True} if compile else {}))
+
+
+def check_compile(model_cfg: dict) -> None:
+    """One line unless the model's backbone builder takes ``compile`` (Infinity; not HART)."""
     family = model_cfg.get("family", "infinity")
-    if not compile:
-        return backbone_builder(family)(model_cfg, device=device, dtype=dtype)
-    if family != "infinity":
+    if "compile" not in inspect.signature(backbone_builder(family)).parameters:
         raise UserError(f"compile=true is implemented for Infinity backbones; model "
                         f"{model_cfg.get('name')!r} is {family!r} (run it with compile=false)")
-    return backbone_builder(family)(model_cfg, device=device, dtype=dtype, compile=True)
 
 
 def register_configs() -> None:

@@ -110,6 +110,10 @@ class InfinityBackbone:
     def _cfg(self, si: int) -> float:
         return self.sampling.per_scale(self.sampling.cfg, si)
 
+    def _cfg_on_logits(self, cfg: float) -> bool:
+        """CFG is applied to the logits (official default), not to hidden states, and changes them."""
+        return self.sampling.cfg_insertion_layer == 0 and cfg != 1
+
     def condition(self, prompts: list[str]) -> InfinityCond:
         kv, lens = self.text(prompts)
         kv = kv.to(self.device)
@@ -180,7 +184,7 @@ class InfinityBackbone:
         the unconditional branch, guided = cfg·ℓ + (1-cfg)·ℓ with ℓ = cond/tau (SkipVAR's official formula)."""
         B, tau, cfg = cond.batch, self.sampling.per_scale(self.sampling.tau, scale.si), self._cfg(scale.si)
         lc, lu = logits[:B], (logits[B:] if cond.rows > B else None)
-        on_logits = self.sampling.cfg_insertion_layer == 0 and cfg != 1
+        on_logits = self._cfg_on_logits(cfg)
         if on_logits and lu is not None:
             return lc, lu, cfg * lc.mul(1 / tau) + (1 - cfg) * lu.mul(1 / tau)
         if on_logits and cond.cfg:
@@ -202,7 +206,7 @@ class InfinityBackbone:
         tau, cfg = self.sampling.per_scale(self.sampling.tau, scale.si), self._cfg(scale.si)
         if mix not in ("guided", "rows"):
             raise ValueError(f"mix must be 'guided' or 'rows', got {mix!r}")
-        mixing = mix == "guided" and self.sampling.cfg_insertion_layer == 0 and cfg != 1 and cond.rows > B
+        mixing = mix == "guided" and self._cfg_on_logits(cfg) and cond.rows > B
         if mix == "guided" and R != cond.rows:
             raise ValueError(f"mix='guided' needs every row of the hidden state ({cond.rows}), got {R}")
         with torch.autocast(h.device.type, enabled=False):
