@@ -5,22 +5,33 @@ Behaviour of the authors' first-party code (Weepingchestnut/Lvar @f94b7ec, ``mod
 pruned: only the self-attention kernel changes, per (scale si, layer l), with S the decision scale and L_b the bound
 layer (Infinity-1M, 13 scales: S = 10, L_b = 10):
 
-  si < S                 dense
+  si < S,  l <= L_b      dense
   si = S,  l <= L_b      CS4A-decide: dense output; per 192-query group the top-k keys by exact column mass
                          (k = 112·round(0.2·P_S/112) = 784), and the O-cache C = O_dense − O_selected
   si > S,  l <= L_b      CS4A-sparse: the source group γ(g) = round((g+½)·G_src/G − ½) keeps its key set at absolute KV
                          positions; plus a contiguous run in the current scale covering the union of the group's
                          w×w windows (w = 7, 9), length aligned to 112 (560, 784); softmax over those keys only, plus
                          the O-cache bilinearly resized to the current grid. The set used at si is the source of si+1.
-  si >= S, l >  L_b      CSLA: every query sees the first 5 scales (sinks) and a window of side [1, 1, 3, 5, 7] on the
-                         last five key scales (centre round(y/n_q·n_a)); the mask is coarsened to 128×128 tiles and
-                         a tile is computed entirely when any entry is set.
+  si >= T−3, l > L_b     CSLA (dense at si < T−3): every query sees the first 5 scales (sinks) and a window of side
+                         [1, 1, 3, 5, 7] on the last five key scales (centre round(y/n_q·n_a)); the mask is coarsened
+                         to 128×128 tiles and a tile is computed entirely when any entry is set.
+
+Scales are anchored as the authors' code anchors them (``scale_anchor: absolute``, the default): CSLA runs on the
+last ``csla_scales`` (3) scales of the schedule whatever S is (Lvar @f94b7ec models/sparvar/sparvar_model.py:289-318
+builds FlexAttention masks for si = 10, 11, 12 only and passes ``spattn_compile_list[si]`` at :632;
+basic_sparvar.py:365-377 dispatches CSLA for l > L_b wherever that mask exists, CS4A-decide at si == S and CS4A-sparse
+at si > S for l <= L_b, dense otherwise), and the CS4A local window of scale si is indexed by absolute scale
+(sparse_attn.py:904-905 slices ``cs4a_ws`` = [1 × 11, 7, 9] at S+1 from its end): ``cs4a_windows`` lists the windows
+of the last len() scales, earlier scales get ``cs4a_window_fill`` (1). With S = 9 on 13 scales this gives dense
+layers > L_b at si = 9 and local runs 224/560/784 at si = 10/11/12. ``scale_anchor: decision`` keeps our former
+reading (CSLA from S up, windows counted from S+1: runs 448/672/784 for S = 9); both agree at the default S = 10.
 
 Other schedules (GUESS, spec §2.6 item 4; the code hard-codes the 13-scale one): everything is relative to the
-schedule end — S = T − ``decision_from_end`` (3), the CSLA windows cover the last len(windows) key scales, the
-CS4A windows index the scales after S — and, on models shallower than ``bound_layer_ref_depth`` (32), the bound
-layer is mapped proportionally: L_b' = round((L_b + 1)·depth/32) − 1 (``bound_layer_scaling: absolute`` keeps 10).
-A local run longer than its scale is the whole scale (never reaches into the previous scale).
+schedule end — S = T − ``decision_from_end`` (3), CSLA on the last ``csla_scales`` (3) query scales, the CSLA windows
+cover the last len(windows) key scales, the CS4A windows the last len(cs4a_windows) scales — and, on models shallower
+than ``bound_layer_ref_depth`` (32), the bound layer is mapped proportionally: L_b' = round((L_b + 1)·depth/32) − 1
+(``bound_layer_scaling: absolute`` keeps 10). A local run longer than its scale is the whole scale (never reaches
+into the previous scale).
 
 Kernels (``kernel: auto|reference|fast``; auto = fast on CUDA, reference elsewhere): the masked references are exact
 softmaxes over the chosen key sets, chunked over query groups / tile rows; the fast paths are a gather + SDPA per
@@ -238,7 +249,11 @@ class SparVARConfig(MethodConfig):
     topk_ratio: float = 0.2
     group_size: int = 192
     align: int = 112                       # ThunderKittens tile (the Triton provider would use 64)
-    cs4a_windows: list = field(default_factory=lambda: [7, 9])   # local window at S+1, S+2, ... (last repeats)
+    cs4a_windows: list = field(default_factory=lambda: [7, 9])   # absolute: windows of the last len() scales;
+    #                                      decision: windows at S+1, S+2, ... (last repeats)
+    cs4a_window_fill: int = 1              # absolute: window of earlier scales (the code's cs4a_ws: 1 for si 0-10)
+    scale_anchor: str = "absolute"         # absolute (the authors' code) | decision (our former reading; module doc)
+    csla_scales: int = 3                   # absolute: CSLA on the last csla_scales scales (code: si 10, 11, 12 of 13)
     o_cache: bool = True
     upsample: str = "bilinear"
     cs4a: bool = True
@@ -252,6 +267,8 @@ class SparVARConfig(MethodConfig):
     def __post_init__(self):
         if self.kernel not in ("auto", "reference", "fast"):
             raise UserError(f"sparvar.kernel must be auto|reference|fast, got {self.kernel!r}")
+        if self.scale_anchor not in ("absolute", "decision"):
+            raise UserError(f"sparvar.scale_anchor must be absolute|decision, got {self.scale_anchor!r}")
         if self.bound_layer_scaling not in ("proportional", "absolute"):
             raise UserError(f"sparvar.bound_layer_scaling must be proportional|absolute, got {self.bound_layer_scaling!r}")
         if not 0.0 < float(self.topk_ratio) <= 1.0:
@@ -273,7 +290,7 @@ class SparVAR(Method):
     CITATION = CITATION
     STATUS = "exact vs the authors' code (Lvar @f94b7ec) on Infinity 13 scales; other schedules: our mapping"
     Config = SparVARConfig
-    NOOP = {"decision_scale": 99}          # the decision scale is never reached: every layer stays dense
+    NOOP = {"cs4a": False, "csla": False}  # neither module runs: every layer stays dense
     cfg: SparVARConfig
 
     def reset(self) -> None:
@@ -302,13 +319,27 @@ class SparVAR(Method):
             geo["tiles"][si] = tile_mask(m, self.cfg.tile)
         return geo["tiles"][si]
 
-    def _runs(self, geo: dict, si: int, S: int):
-        if si not in geo["runs"]:
+    def cs4a_window(self, si: int, T: int) -> int:
+        """Local window side of CS4A-sparse at scale si (module doc: ``scale_anchor``)."""
+        wins = self.cfg.cs4a_windows
+        if self.cfg.scale_anchor == "decision":
+            return wins[min(si - self.decision_si(T) - 1, len(wins) - 1)]
+        back = T - 1 - si                                  # 0 = the last scale
+        return wins[len(wins) - 1 - back] if back < len(wins) else self.cfg.cs4a_window_fill
+
+    def csla_from(self, T: int) -> int:
+        """First query scale of CSLA."""
+        return self.decision_si(T) if self.cfg.scale_anchor == "decision" else T - self.cfg.csla_scales
+
+    def local_run_keys(self, geo: dict, si: int) -> torch.Tensor:
+        """[G, L] absolute KV positions of each query group's local run at scale si (CS4A-sparse)."""
+        key = (si, self.cfg.scale_anchor)
+        if key not in geo["runs"]:
             h, w = geo["hws"][si]
-            win = self.cfg.cs4a_windows[min(si - S - 1, len(self.cfg.cs4a_windows) - 1)]
+            win = self.cs4a_window(si, len(geo["hws"]))
             starts, L, _ = local_runs(h, w, win, self.cfg.group_size, self.cfg.align)
-            geo["runs"][si] = (starts + geo["off"][si])[:, None] + torch.arange(L)[None]    # [G, L] absolute
-        return geo["runs"][si]
+            geo["runs"][key] = (starts + geo["off"][si])[:, None] + torch.arange(L)[None]
+        return geo["runs"][key]
 
     def _fast(self, q) -> bool:
         return self.cfg.kernel == "fast" or (self.cfg.kernel == "auto" and q.is_cuda)
@@ -323,15 +354,15 @@ class SparVAR(Method):
 
     def attention(self, lctx: LayerCtx):
         sctx = lctx.scale
-        S = self.decision_si(sctx.num_scales)
-        if lctx.si < S or not sctx.schedule:
+        T, si = sctx.num_scales, lctx.si
+        S = self.decision_si(T)
+        if not sctx.schedule:
             return None
-        lb = effective_bound_layer(self.cfg, sctx.spec.depth)
-        if lctx.li <= lb:
-            if not self.cfg.cs4a:
-                return None
-            return self._cs4a_decide_kernel if lctx.si == S else self._cs4a_sparse_kernel
-        return self._csla_kernel if self.cfg.csla else None
+        if lctx.li > effective_bound_layer(self.cfg, sctx.spec.depth):      # basic_sparvar.py:365-367
+            return self._csla_kernel if self.cfg.csla and si >= self.csla_from(T) else None
+        if not self.cfg.cs4a or si < S:                                      # :369-377, else dense (:383-386)
+            return None
+        return self._cs4a_decide_kernel if si == S else self._cs4a_sparse_kernel
 
     def _check(self, k, ctx: LayerCtx, geo: dict) -> None:
         si = ctx.si
@@ -358,10 +389,9 @@ class SparVAR(Method):
         st = self.state.get(ctx.li)
         if st is None:
             raise RuntimeError(f"SparVAR: no CS4A decision for layer {ctx.li} before scale {ctx.si}")
-        S = self.decision_si(ctx.scale.num_scales)
         rows = q.shape[0]
         src = st["src"][:rows]                            # cond-only scales: keep the cond rows, as the code does
-        runs = self._runs(geo, ctx.si, S).to(q.device)    # [G, L]
+        runs = self.local_run_keys(geo, ctx.si).to(q.device)    # [G, L]
         G = runs.shape[0]
         J = torch.cat([src[:, :, group_map(src.shape[2], G).to(q.device)],
                        runs[None, None].expand(rows, q.shape[1], -1, -1)], -1)

@@ -194,3 +194,102 @@ def test_fast_kernels_match_the_masked_reference_end_to_end(runs):
     assert f.method_summary["kernels"] == {"cs4a_decide": "sdpa+colmass", "cs4a": "gather_sdpa", "csla": "flex_attention"}
     assert torch.allclose(f.images, a.images, atol=1e-3)
     assert f.record.attn_keys == a.record.attn_keys
+
+
+# ------------------------------------------------------------------ issue 25 item 1: decision scales 9, 10, 11
+# The authors' rules, written out here from Weepingchestnut/Lvar @f94b7ec (not from our functions):
+#  - dispatch, models/sparvar/basic_sparvar.py:365-386: CSLA when the scale has a FlexAttention mask and l > L_b;
+#    else CS4A-decide when si == S and l <= L_b; else CS4A-sparse when si > S and l <= L_b; else dense.
+#  - the masks exist only for si = 10, 11, 12 (sparvar_model.py:289-318, passed at :632), whatever S is.
+#  - the CS4A local window of scale si is cs4a_ws[si] (sparse-attn-config.yml; sparse_attn.py:904-905 slices the
+#    list at S+1 from its end, i.e. by absolute scale): [1] * 11 + [7, 9].
+#  - local run (sparse_attn.py:620-675, 678-768, 778-857): per 192-query group, the union of the clamped w×w windows
+#    of its queries; L = 112·ceil(max union / 112); the run ends at min(first + L − 1, P_{si+1} − 1).
+AUTHORS_CS4A_WS = [1] * 11 + [7, 9]
+
+
+def authors_kernel(si: int, li: int, S: int, Lb: int = 10) -> str:
+    if si in (10, 11, 12) and li > Lb:
+        return "csla"
+    if si == S and li <= Lb:
+        return "decide"
+    if si > S and li <= Lb:
+        return "sparse"
+    return "dense"
+
+
+def authors_local_run(si: int) -> list[list[int]]:
+    """Absolute KV positions of each query group's local run at scale si (13-scale 1M schedule)."""
+    n, base, w = SIDES_1M[si], OFF[si], AUTHORS_CS4A_WS[si]
+    r = (w - 1) // 2
+    unions = []
+    for g0 in range(0, n * n, 192):
+        u = set()
+        for q in range(g0, min(n * n, g0 + 192)):
+            y, x = divmod(q, n)
+            for dy in range(-r, w - r):
+                for dx in range(-r, w - r):
+                    u.add(base + min(max(y + dy, 0), n - 1) * n + min(max(x + dx, 0), n - 1))
+        unions.append(sorted(u))
+    L = 112 * math.ceil(max(len(u) for u in unions) / 112)
+    out = []
+    for u in unions:
+        tail = min(u[0] + L - 1, OFF[si + 1] - 1)
+        out.append(list(range(tail - L + 1, tail + 1)))
+    return out
+
+
+def _ctx_1m(si: int, li: int):
+    from varbench.backbones.base import BackboneSpec, ScaleInfo
+    from varbench.hooks import LayerCtx, ScaleCtx
+
+    spec = BackboneSpec("infinity_2b_geometry", 32, 2048, 16, "bitwise", 32, ("sa", "ca", "ffn"))
+    sched = tuple(ScaleInfo(i, s, s, s * s, s) for i, s in enumerate(SIDES_1M))
+    sctx = ScaleCtx(si, 13, (SIDES_1M[si], SIDES_1M[si]), 2, 1, spec, sched)
+    return LayerCtx(sctx, li, kv_len=OFF[si], kv_segments=tuple(NS[:si]))
+
+
+def _kernel_name(m: SparVAR, si: int, li: int) -> str:
+    fn = m.attention(_ctx_1m(si, li))
+    return {None: "dense", "_cs4a_decide_kernel": "decide", "_cs4a_sparse_kernel": "sparse",
+            "_csla_kernel": "csla"}[getattr(fn, "__name__", None)]
+
+
+@pytest.mark.parametrize("S", [9, 10, 11])
+def test_kernel_choice_per_scale_and_layer_is_the_authors(S):
+    m = SparVAR(SparVARConfig(decision_scale=S))
+    got = {(si, li): _kernel_name(m, si, li) for si in range(13) for li in range(32)}
+    want = {(si, li): authors_kernel(si, li, S) for si in range(13) for li in range(32)}
+    diff = sorted(k for k in want if got[k] != want[k])
+    assert not diff, f"{len(diff)} of 416 differ, first {diff[:3]}"
+
+
+def test_decision_scale_option_keeps_our_former_reading():
+    """scale_anchor=decision: CSLA from S up and the CS4A windows counted from S+1 (the behaviour before issue 25)."""
+    m = SparVAR(SparVARConfig(decision_scale=9, scale_anchor="decision"))
+    assert _kernel_name(m, 9, 11) == "csla" and _kernel_name(m, 9, 10) == "decide"
+    assert [m.local_run_keys(m._geometry(_ctx_1m(si, 0).scale), si).shape[1] for si in (10, 11, 12)] == [448, 672, 784]
+
+
+@pytest.mark.parametrize("S,want_L", [(9, [224, 560, 784]), (10, [560, 784]), (11, [784])])
+def test_local_runs_are_the_authors_for_each_decision_scale(S, want_L):
+    """The local runs the CS4A-sparse kernel appends, end to end through the kernels on the 13-scale geometry (one
+    row, one head, 2 channels; reference kernels): J = the mapped source set followed by the run."""
+    m = SparVAR(SparVARConfig(decision_scale=S, kernel="reference"))
+    g = torch.Generator().manual_seed(0)
+    got_L = []
+    for si in range(S, 13):
+        N, P = NS[si], OFF[si + 1]
+        q, k, v = (torch.randn(1, 1, n, 2, generator=g) for n in (N, P, P))
+        ctx = _ctx_1m(si, 0)
+        assert _kernel_name(m, si, 0) == ("decide" if si == S else "sparse")
+        m.attention(ctx)(q, k, v, scale=1.0, ctx=ctx)
+        if si == S:
+            continue
+        J = m.state[0]["src"][0, 0]                        # [G, |J|]
+        want = authors_local_run(si)
+        L = len(want[0])
+        got_L.append(L)
+        assert J[:, -L:].tolist() == want, si
+        assert ctx.attn_keys == J.shape[1]
+    assert got_L == want_L
