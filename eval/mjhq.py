@@ -7,20 +7,30 @@ TorchScript Inception (``inception-2015-12-05.pt``) through its ``layers`` sub-m
 the 2048-d pool3 features (NOT the module's default ``forward``, which returns the 1008-way softmax) -> mean and
 covariance (``np.cov``, float64) -> Fréchet distance. ``resize: legacy_tensorflow`` is clean-fid's other mode: the
 original-size image through ``net(x, return_features=True)`` (the network resizes inside, StyleGAN's FID).
-The matrix square root: clean-fid takes ``scipy.linalg.sqrtm(s1 @ s2)``; we take the trace of the square root as
-the sum of square roots of the eigenvalues of ``sqrt(s1) s2 sqrt(s1)`` (same value, numpy only).
+The matrix square root is clean-fid's (``cleanfid/fid.py`` ``frechet_distance``): ``scipy.linalg.sqrtm(s1 @ s2)``;
+if that is not finite, again with eps = 1e-6 added to both diagonals; a complex result whose diagonal has an imaginary
+part above 1e-3 is an error, otherwise its real part is taken (issue 25: the eigenvalue route we used before differs
+by 3.6e-4 at n=300 on a rank-deficient covariance). clean-fid passes ``disp=False``, which SciPy 1.17 deprecates and
+1.18 removes; the root is the same without it (the flag only chooses whether the error estimate is returned).
 CLIP score: transformers ``CLIPModel`` (openai/clip-vit-large-patch14), 100 x max(cos, 0) averaged over images, with
 prompts tokenised with truncation to 77 tokens that **keeps the end-of-text token** (torchmetrics' CLIPScore slices
-the ids and drops it, so its pooled text feature sits on an ordinary token for long prompts).
+the ids and drops it, so its pooled text feature sits on an ordinary token for long prompts), after the text cleaning
+OpenAI's ``clip.tokenize`` applies (``clip/simple_tokenizer.py`` ``basic_clean``/``whitespace_clean``, the same in
+open_clip's ``tokenizer.py``): ``ftfy.fix_text``, ``html.unescape`` twice, strip, runs of whitespace -> one space,
+lower case. HF's CLIP tokenizers skip the unescaping (and the fast one ftfy too), so ``&amp;``, ``&#39;``, curly
+quotes and ligatures would tokenise differently.
 """
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import linalg
 
 from eval.datasets import data_dir, need
 from varbench.errors import UserError
@@ -82,17 +92,22 @@ def folder_features(folder: Path, features: nn.Module, batch: int = 32) -> np.nd
     return np.concatenate(out)
 
 
-def _psd_sqrt(a: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)); tr(sqrtm(s1 s2)) = tr(sqrtm(sqrt(s1) s2 sqrt(s1)))."""
-    r = _psd_sqrt(sigma1)
-    w = np.linalg.eigvalsh((r @ sigma2 @ r + (r @ sigma2 @ r).T) / 2)
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)), the square root as clean-fid 0.1.35 takes it."""
+    mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise UserError(f"FID: feature statistics of different sizes ({mu1.shape} vs {mu2.shape})")
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():     # a nearly singular product: eps on both diagonals, as clean-fid
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise UserError(f"FID: the matrix square root has an imaginary component "
+                            f"{np.max(np.abs(covmean.imag)):.3g} (clean-fid stops here too)")
+        covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(w, 0, None)).sum())
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,13 +119,26 @@ def fid(real_dir: Path, fake_dir: Path, features: nn.Module, batch: int = 32) ->
                             *stats(folder_features(fake_dir, features, batch)))
 
 
+def clip_clean(text: str) -> str:
+    """OpenAI CLIP's text cleaning before BPE: ftfy.fix_text, html.unescape twice, strip, whitespace runs -> " ",
+    lower case (``whitespace_clean(basic_clean(text)).lower()`` in clip/simple_tokenizer.py)."""
+    try:
+        import ftfy
+    except ImportError:
+        raise UserError("the MJHQ CLIP score needs ftfy (OpenAI CLIP's text cleaning): pip install ftfy, or "
+                        "pip install -e '.[eval]'") from None
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
 def _tensor(out) -> torch.Tensor:
     """transformers < 5 returns the projected features; 5.x a ModelOutput whose pooler_output holds them."""
     return out if torch.is_tensor(out) else out.pooler_output
 
 
 class ClipScorer:
-    """100 x max(cos(image, text), 0) with HF CLIP; text truncated to 77 tokens keeping the end-of-text token."""
+    """100 x max(cos(image, text), 0) with HF CLIP; text cleaned as OpenAI's clip.tokenize does, then truncated to
+    77 tokens keeping the end-of-text token."""
 
     def __init__(self, path: str, device: str = "cpu", model=None, processor=None):
         from transformers import CLIPModel, CLIPProcessor
@@ -121,6 +149,7 @@ class ClipScorer:
 
     @torch.no_grad()
     def __call__(self, images, prompts: list[str]) -> list[float]:
+        prompts = [clip_clean(p) for p in prompts]
         tok = self.proc.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         pix = self.proc.image_processor(images=images, return_tensors="pt")["pixel_values"]
         t = F.normalize(_tensor(self.model.get_text_features(**tok.to(self.device))).float(), dim=-1)

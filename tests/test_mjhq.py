@@ -120,3 +120,81 @@ def test_frechet_distance_closed_form_for_commuting_covariances():
     got = frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
     want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
     assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+# ---------------------------------------------------------------- issue 25 item 7 (fail-first on the old code)
+def _cleanfid_reference(mu1, s1, mu2, s2, eps=1e-6):
+    """clean-fid 0.1.35 ``frechet_distance`` (cleanfid/fid.py), written out here from its rules."""
+    from scipy import linalg
+
+    covmean = linalg.sqrtm(s1.dot(s2))
+    if not np.isfinite(covmean).all():
+        covmean = linalg.sqrtm((s1 + np.eye(len(s1)) * eps).dot(s2 + np.eye(len(s1)) * eps))
+    if np.iscomplexobj(covmean):
+        assert np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
+        covmean = covmean.real
+    d = mu1 - mu2
+    return d.dot(d) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+
+
+def test_frechet_distance_is_clean_fids_sqrtm_on_rank_deficient_covariances():
+    """n = 300 features of dimension 512: both covariances are rank-deficient (rank 299), scipy's sqrtm returns a
+    complex root, and an eigenvalue route differs from it by ~1e-5 here; the value must be clean-fid's."""
+    from eval.mjhq import frechet_distance, stats
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((300, 512)), rng.standard_normal((300, 512)) + 0.1
+    (m1, s1), (m2, s2) = stats(a), stats(b)
+    want = _cleanfid_reference(m1, s1, m2, s2)
+    assert abs(frechet_distance(m1, s1, m2, s2) - want) <= 1e-12 * abs(want)
+
+
+CLEANING_CASES = {   # raw prompt -> what OpenAI's clip.tokenize sees after its cleaning
+    "Fish &amp; Chips": "fish & chips",
+    "Tom&#39;s   cat\t\non a  mat ": "tom's cat on a mat",
+    "a \u201ccurly\u201d and \u2018single\u2019 quote": "a \"curly\" and 'single' quote",
+    "a \ufb01ne \ufb02ower": "a fine flower",
+    "double &amp;amp; escaped": "double & escaped",
+}
+
+
+@pytest.mark.parametrize("raw", list(CLEANING_CASES))
+def test_clip_text_cleaning_is_openais(raw):
+    from eval.mjhq import clip_clean
+
+    assert clip_clean(raw) == CLEANING_CASES[raw]
+    tok = pytest.importorskip("open_clip.tokenizer")     # open_clip's copy of OpenAI's cleaning, where installed
+    assert clip_clean(raw) == tok._clean_lower(raw)
+
+
+def test_clip_scorer_tokenises_the_cleaned_prompts():
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    words = "fish & chips a fine flower".split()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "?": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>",
+                                                      special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", unk_token="?")
+    seen = []
+
+    def recording(texts, **kw):
+        seen.extend(texts)
+        return tok(texts, **kw)
+    proc = SimpleNamespace(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+                           tokenizer=recording)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, eos_token_id=1),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    scorer = ClipScorer("", model=CLIPModel(cfg), processor=proc)
+    img = [Image.new("RGB", (48, 48), (200, 0, 0))]
+    raw, clean = scorer(img * 2, ["Fish &amp; Chips", "a \ufb01ne \ufb02ower"]), scorer(img * 2, ["fish & chips", "a fine flower"])
+    assert seen[:2] == seen[2:] == ["fish & chips", "a fine flower"]
+    assert raw == clean
