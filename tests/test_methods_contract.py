@@ -26,8 +26,8 @@ def backbone(model: str):
     return _BACKBONES[model]
 
 
-def _gen(bb, m, seed=0):
-    return generate(bb, ["two green circles"], m, torch.Generator().manual_seed(seed))
+def _gen(bb, m, seed=0):   # the generator on the backbone's device (tests/test_gpu.py runs this contract on CUDA)
+    return generate(bb, ["two green circles"], m, torch.Generator(device=bb.device).manual_seed(seed))
 
 
 def check_contract(bb, make) -> None:

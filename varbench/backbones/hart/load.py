@@ -102,21 +102,32 @@ def new_modules(arch: dict, vae_cfg: dict) -> tuple[HARTTransformer, VQVAE]:
 
 @torch.no_grad()
 def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Deterministic weights: N(0, 1/fan_in) matrices, norm weights ≈ 1, small biases, HART's special tensors sane."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
+    """Deterministic weights: N(0, 1/fan_in) matrices, norm weights ≈ 1, small biases, HART's special tensors sane.
+
+    Drawn where the parameters live, from a generator on that device (CPU: the same numbers as always); parameters
+    on the meta device are left as they are (shapes only)."""
+    params = list(module.named_parameters())
+    dev = params[0][1].device if params else torch.device("cpu")
+    if dev.type == "meta":
+        return module
+    g = torch.Generator(device=dev).manual_seed(seed)
+
+    def randn(p):
+        return torch.randn(p.shape, generator=g, device=dev)
+
+    for name, p in params:
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "scale_mul_1H11":
-            p.copy_(math.log(4.0) + 0.3 * torch.randn(p.shape, generator=g))
+            p.copy_(math.log(4.0) + 0.3 * randn(p))
         elif p.ndim == 1 and leaf == "weight":   # RMSNorm / LayerNorm / GroupNorm weights
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            p.copy_(1 + 0.1 * randn(p))
         elif p.ndim == 1:
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            p.copy_(0.05 * randn(p))
         elif name.endswith("embedding.weight"):
-            p.copy_(torch.randn(p.shape, generator=g))
+            p.copy_(randn(p))
         else:
             fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            p.copy_(randn(p) / math.sqrt(fan_in))
     return module
 
 
@@ -217,8 +228,9 @@ def build_hart(mcfg, device="cpu", dtype="fp32") -> HARTBackbone:
         load_strict(tok, read_state_dict(paths["tokenizer_weights"], bool(mcfg.get("trust_pickle", False))),
                     str(paths["tokenizer_weights"]))
         text = QwenTextEncoder(str(paths["text_encoder"]), arch["context_token"], tcfg.get("system_prompt"), device)
-    else:
-        tf, vae = new_modules(arch, vcfg)
+    else:   # seeded; init_on_device (full-size *_random configs): built and drawn on the device itself
+        with torch.device(device if mcfg.get("init_on_device") else "cpu"):
+            tf, vae = new_modules(arch, vcfg)
         seed = int(mcfg.get("seed", 0))
         seeded_init_(tf, seed)
         seeded_init_(vae, seed + 1)

@@ -68,23 +68,35 @@ def load_transformer_state(model: InfinityTransformer, sd: dict) -> None:
 # ---------------------------------------------------------------- seeded weights (tiny)
 @torch.no_grad()
 def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Deterministic weights: N(0, 1/fan_in) matrices, norms ≈ 1, biases small, Infinity's special tensors sane."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
+    """Deterministic weights: N(0, 1/fan_in) matrices, norms ≈ 1, biases small, Infinity's special tensors sane.
+
+    Drawn where the parameters live, from a generator on that device (CPU: the same numbers as always; a CUDA
+    generator draws other numbers from the same seed). Parameters on the meta device are left as they are (shapes
+    only)."""
+    params = list(module.named_parameters())
+    dev = params[0][1].device if params else torch.device("cpu")
+    if dev.type == "meta":
+        return module
+    g = torch.Generator(device=dev).manual_seed(seed)
+
+    def randn(p):
+        return torch.randn(p.shape, generator=g, device=dev)
+
+    for name, p in params:
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "scale_mul_1H11":
-            p.copy_(math.log(4.0) + 0.3 * torch.randn(p.shape, generator=g))
+            p.copy_(math.log(4.0) + 0.3 * randn(p))
         elif leaf == "ada_gss":
-            p.copy_(0.25 * torch.randn(p.shape, generator=g))
+            p.copy_(0.25 * randn(p))
         elif leaf == "cfg_uncond":
-            p.copy_(1.2 / math.sqrt(p.shape[-1]) * torch.randn(p.shape, generator=g))
+            p.copy_(1.2 / math.sqrt(p.shape[-1]) * randn(p))
         elif p.ndim == 1 and ("norm" in name or name.endswith("text_norm.weight")) and leaf == "weight":
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            p.copy_(1 + 0.1 * randn(p))
         elif p.ndim == 1:
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            p.copy_(0.05 * randn(p))
         else:
             fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            p.copy_(randn(p) / math.sqrt(fan_in))
     return module
 
 
@@ -103,9 +115,14 @@ def new_modules(mcfg) -> tuple[InfinityTransformer, BSQVAE]:
 
 
 def seeded_modules(mcfg, device="cpu"):
-    """Transformer, BSQ-VAE and tiny T5 of a model config, weights drawn from ``mcfg.seed`` (no files)."""
+    """Transformer, BSQ-VAE and tiny T5 of a model config, weights drawn from ``mcfg.seed`` (no files).
+
+    ``init_on_device: true`` (the full-size ``*_random`` configs): the modules are built and their weights drawn on
+    ``device`` itself (seconds on a GPU, no full-size copy in host memory; a CUDA generator, so other numbers than
+    the CPU's from the same seed); ``device="meta"`` then builds shapes only. Otherwise: on the CPU, then moved."""
     a, text_cfg = mcfg["arch"], mcfg["text"]
-    tf, vae = new_modules(mcfg)
+    with torch.device(device if mcfg.get("init_on_device") else "cpu"):
+        tf, vae = new_modules(mcfg)
     seed = int(mcfg.get("seed", 0))
     seeded_init_(tf, seed)
     seeded_init_(vae, seed + 1)
