@@ -3,6 +3,7 @@ METHODS = {  # method family -> "module:Class" (imported lazily by varbench.harn
     "fastvar": "baselines.fastvar:FastVAR",
     "skipvar": "baselines.skipvar:SkipVAR",
     "sparsevar": "baselines.sparsevar:SparseVAR",
+    "sparsevar_lvar": "baselines.sparsevar_lvar:SparseVARLvar",
     "sparvar": "baselines.sparvar:SparVAR",
     "toprovar": "baselines.toprovar:ToProVAR",
 }

@@ -10,6 +10,7 @@ A method (NOVA, FastVAR, ...) subclasses :class:`Method` and overrides only the 
         restore(lctx, x_in, y_kept, sel)     -> full output of the unit (default: others keep their input)
         after_layer(lctx, x_in, x_out)       once per block
     after_logits(sctx, cond, uncond, guided) -> replacement guided logits, or None
+    code_mask(sctx)                          -> [B, n] bool: tokens whose sampled codes are set to 0, or None
     after_scale(sctx, state)
 
 Logits reach ``after_logits`` before any top-k/top-p filtering and are never edited in place by the sampler.
@@ -135,6 +136,12 @@ class Method:
         pass
 
     def after_logits(self, sctx: ScaleCtx, logits_cond, logits_uncond, logits_guided):
+        return None
+
+    def code_mask(self, sctx: ScaleCtx) -> torch.Tensor | None:
+        """[B, n] bool: tokens of this scale whose sampled codes are set to zero before they are accumulated
+        (SparseVAR as Lvar runs it), or None. Backbones whose ``update`` takes ``zero`` (Infinity) apply it; a method
+        that returns one declares ``FAMILIES`` accordingly."""
         return None
 
     def after_scale(self, sctx: ScaleCtx, state) -> None:

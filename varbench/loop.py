@@ -132,7 +132,9 @@ def generate(backbone: Backbone, prompts: list[str], method: Method | None = Non
             with prange("vb.sample.draw"):
                 codes = backbone.sample(guided if replaced is None else replaced, x, cond, scale, rng)
             with prange("vb.sample.update"):
-                state = backbone.update(state, codes, scale)
+                zero = method.code_mask(sctx)
+                state = (backbone.update(state, codes, scale) if zero is None
+                         else backbone.update(state, codes, scale, zero=zero))
             with prange("vb.method.after_scale"):
                 method.after_scale(sctx, state)
             rec.scale_time_s.append(watch.lap())

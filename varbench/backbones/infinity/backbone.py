@@ -243,13 +243,19 @@ class InfinityBackbone:
             return self.forced_bits[scale.si].to(self.device)
         return sample_bits(logits, self.sampling.top_k, self.sampling.top_p, rng)
 
-    def update(self, state: InfinityState, bits_BLd: torch.Tensor, scale) -> InfinityState:
-        """Bits -> codes -> accumulate on the final VAE grid (trilinear), spec §6.5–6.6."""
+    def update(self, state: InfinityState, bits_BLd: torch.Tensor, scale, zero=None) -> InfinityState:
+        """Bits -> codes -> accumulate on the final VAE grid (trilinear), spec §6.5–6.6. ``zero`` ([B, n] bool,
+        ``Method.code_mask``): those tokens' codes are set to 0 before the accumulation (with patchify: its 2×2)."""
         B = bits_BLd.shape[0]
         b = bits_BLd.reshape(B, scale.h, scale.w, -1)
         if self.patchify:  # bit k -> channel k//4 at sub-pixel ((k%4)//2, k%2)
             b = F.pixel_shuffle(b.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
         codes = bits_to_codes(b[:, None].float(), self.vae.codebook_dim)  # [B, cd, 1, h', w']
+        if zero is not None:
+            z = zero.to(codes.device).reshape(B, 1, 1, scale.h, scale.w)
+            if self.patchify:
+                z = z.repeat_interleave(2, -2).repeat_interleave(2, -1)
+            codes.masked_fill_(z, 0.0)   # in place: keeps the codes' (permuted) layout, so interpolation rounds alike
         last = scale.si == len(self._scales) - 1
         if not last:
             codes = F.interpolate(codes, size=(1, *self.vae_hws[-1]), mode="trilinear")
