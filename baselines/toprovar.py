@@ -228,9 +228,11 @@ class ToProVAR(Method):
         self._sel = None
         c, sctx, si, li = self.cfg, lctx.scale, lctx.si, lctx.li
         n = x.shape[1]
-        if (self.D is None and c.rho_source == "first_layer" and li >= 1 and si > c.s_rep and self._cur is not None
-                and self._test_depth(si, self._maps[0], sctx.batch)):
-            self.D = si
+        if self.D is None and c.rho_source == "first_layer" and li >= 1 and si not in self.rho and 0 in self._maps:
+            # ρ of every scale from layer 0 (the auto direction compares with scale 1); tested from s_rep + 1 on
+            self.rho[si] = low_entropy_ratio(self._combine(self._maps[0], sctx.batch)[0])
+            if si > c.s_rep and depth_test(self.rho, si, c.tau, c.d_direction):
+                self.D = si
         if self.D is None or si < self.D or self.R is None or c.variant in ("scale_only", "fixed_exit"):
             return None
         R = 1.0 if c.variant == "scale_token" else self.R[li]

@@ -160,3 +160,49 @@ def test_pruned_tokens_pass_the_block_unchanged(tiny_backbone):
 
     _gen(tiny_backbone, Spy(ToProVARConfig(beta=1e-4, d_direction="ge", tau=0.3)))
     assert seen and all(same for same, _ in seen) and all(changed for _, changed in seen)
+
+
+# ------------------------------------------------------------------ issue 25 item 3: auto direction, first_layer
+SIDES_10 = [1, 2, 4, 6, 8, 12, 16, 20, 24, 32]
+
+
+def _drive(m: ToProVAR, rho_curve: dict[int, float], depth: int = 2) -> None:
+    """Run the method's hooks on a synthetic 10-scale schedule whose every layer's entropy map has the low-entropy
+    share rho_curve[si] (tokens at 0 below a mean set by the tokens at 1; a random map elsewhere)."""
+    from varbench.backbones.base import BackboneSpec, ScaleInfo
+    from varbench.hooks import LayerCtx, ScaleCtx
+
+    spec = BackboneSpec("synthetic", depth, 8, 2, "bitwise", 4, ("sa", "ca", "ffn"))
+    sched = tuple(ScaleInfo(i, s, s, s * s, s) for i, s in enumerate(SIDES_10))
+    g = torch.Generator().manual_seed(0)
+    m.start()
+    for si, s in enumerate(SIDES_10):
+        n = s * s
+        sctx = ScaleCtx(si, len(SIDES_10), (s, s), 2, 1, spec, sched)
+        e = torch.ones(2, n) + 0.1 * torch.rand(2, n, generator=g)
+        low = round(rho_curve.get(si, 0.5) * n)
+        e[:, :low] = 0.0
+        for li in range(depth):
+            lctx = LayerCtx(sctx, li)
+            m.attention(lctx)
+            sel = m.select(lctx, torch.zeros(2, n, 8))
+            m._record(lctx, e if sel is None else e[:, sel.keep_idx[0]])
+        m.after_scale(sctx, None)
+
+
+def test_auto_direction_with_first_layer_sees_a_curve_already_below_tau_at_scale_7():
+    """A falling ρ curve (0.75 at scale 1) that is already ≤ τ at scale 7 triggers at scale 7 with
+    rho_source=first_layer, as in the default mode one scale later (seen failing before the fix: ρ was recorded only
+    from scale 7 in that mode, so auto compared ρ_7 with itself, chose ge and missed it)."""
+    curve = {1: 0.75, 2: 0.69, 3: 0.64, 4: 0.59, 5: 0.54, 6: 0.45, 7: 0.35, 8: 0.35, 9: 0.35}
+    lagged = ToProVAR(ToProVARConfig(d_direction="auto"))
+    _drive(lagged, curve)
+    assert lagged.D == 8                                 # ρ_7 ≤ τ passes after scale 7: prune from scale 8
+    first = ToProVAR(ToProVARConfig(d_direction="auto", rho_source="first_layer"))
+    _drive(first, curve)
+    assert abs(first.rho[1] - 0.75) < 1e-9              # ρ of the early scales is recorded in this mode too
+    assert first.D == 7
+    rising = {1: 0.25, 2: 0.3, 3: 0.3, 4: 0.3, 5: 0.35, 6: 0.35, 7: 0.45, 8: 0.45, 9: 0.45}
+    up = ToProVAR(ToProVARConfig(d_direction="auto", rho_source="first_layer"))
+    _drive(up, rising)
+    assert up.D == 7                                     # rising past τ at scale 7: ge
