@@ -180,3 +180,32 @@ def test_mmdet_preprocess_pads_with_grey_128_before_normalising():
     assert (h, w) == (800, 1333) and x.shape[-2:] == (800, 1344)
     grey = (128 - torch.tensor(MEAN)) / torch.tensor(STD)
     assert torch.allclose(x[0, :, 10, -1], grey) and torch.allclose(x[0, :, 10, 5], (200 - torch.tensor(MEAN)) / torch.tensor(STD))
+
+
+# ---------------------------------------------------------------- issue 25 item 7 (fail-first on the old code)
+def test_threshold_compares_float32_scores_in_float32():
+    """evaluate_images.py: ``bbox[index][ordering, 4] > confidence_threshold``, a float32 array against a Python
+    float, is a float32 comparison: a score of exactly float32(0.3) is NOT above 0.3 (in float64 it would be)."""
+    at = float(np.float32(0.3))                       # 0.30000001192092896 > 0.3 in float64
+    above = float(np.nextafter(np.float32(0.3), np.float32(1)))
+    raw = {"cat": [D(0, 0, 10, 10, at)], "dog": [D(0, 0, 10, 10, above)]}
+    assert set(keep_detections(raw, "single_object")) == {"dog"}
+    meta = {"tag": "single_object", "include": [{"class": "cat", "count": 1}]}
+    assert not evaluate(meta, keep_detections(raw, "single_object"), no_color)[0]
+    at9 = float(np.float32(0.9))                      # counting threshold: float32(0.9) is not above 0.9 either
+    assert keep_detections({"cat": [D(0, 0, 1, 1, at9)]}, "counting") == {}
+
+
+def test_tied_scores_are_ordered_as_the_reversed_argsort():
+    """``np.argsort(scores)[::-1]``: among equal scores the later detection comes first (argsort keeps ties in
+    index order for these sizes; the reversal flips them). The first kept objects are the ones colour and position
+    are judged on, so the order decides images."""
+    a, b, c = D(0, 0, 10, 10, 0.8), D(20, 0, 30, 10, 0.8), D(40, 0, 50, 10, 0.8)
+    assert keep_detections({"cup": [a, b, c]}, "single_object")["cup"] == [c, b, a]
+    lo1, hi1, lo2, hi2 = D(0, 0, 1, 1, 0.5), D(2, 0, 3, 1, 0.9), D(4, 0, 5, 1, 0.5), D(6, 0, 7, 1, 0.9)
+    assert keep_detections({"cup": [lo1, hi1, lo2, hi2]}, "single_object")["cup"] == [hi2, hi1, lo2, lo1]
+    # the rule decides: "a cup left of a bowl" with two tied cups, the later one (right of the bowl) is judged
+    meta = {"tag": "position", "include": [{"class": "bowl", "count": 1},
+                                           {"class": "cup", "count": 1, "position": ["left of", 0]}]}
+    raw = {"bowl": [D(40, 0, 50, 10, 0.9)], "cup": [D(0, 0, 10, 10, 0.7), D(80, 0, 90, 10, 0.7)]}
+    assert not evaluate(meta, keep_detections(raw, "position"), no_color)[0]

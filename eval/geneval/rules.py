@@ -40,11 +40,19 @@ def iou_plus_one(a, b) -> float:
 
 
 def keep_detections(raw: dict[str, list[Det]], tag: str, opt: Options = Options()) -> dict[str, list[Det]]:
-    """Per class: score > threshold (0.9 for counting), by descending score, at most max_objects, optional NMS."""
-    thr = opt.counting_threshold if tag == "counting" else opt.threshold
+    """Per class: score > threshold (0.9 for counting), by descending score, at most max_objects, optional NMS.
+
+    As ``evaluate_image`` in evaluate_images.py @af4902f: ``ordering = np.argsort(scores)[::-1]`` on the detector's
+    float32 scores in its own order (ties: the reversed argsort's order, the later detection first for small
+    arrays), then ``scores[ordering] > threshold``, a float32 array against a Python float, i.e. compared in float32
+    (a score of exactly float32(0.3) is not kept). ``raw`` lists each class's detections in the detector's order."""
+    thr = np.float32(opt.counting_threshold if tag == "counting" else opt.threshold)
     out = {}
     for cls, dets in raw.items():
-        order = sorted((d for d in dets if d.score > thr), key=lambda d: -d.score)[: opt.max_objects]
+        scores = np.asarray([d.score for d in dets], dtype=np.float32)
+        ordering = np.argsort(scores)[::-1]
+        ordering = ordering[scores[ordering] > thr][: opt.max_objects]
+        order = [dets[i] for i in ordering.tolist()]
         kept = []
         while order:
             best = order.pop(0)
