@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from varbench.attention import sdpa_attention
-from varbench.backbones.base import Backbone, ScaleInfo
+from varbench.backbones.base import Backbone, Condition, ScaleInfo
 from varbench.hooks import LayerCtx, Method, ScaleCtx
 from varbench.profiling import prange
 from varbench.records import GenRecord, Stopwatch, peak_memory_bytes, reset_peak_memory
@@ -71,17 +71,18 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
 
 
 @torch.no_grad()
-def generate(backbone: Backbone, prompts: list[str], method: Method | None = None,
+def generate(backbone: Backbone, conditions: list[Condition], method: Method | None = None,
              rng: torch.Generator | list[torch.Generator] | None = None) -> GenOutput:
-    """Generate one batch of images (one per prompt). ``rng`` drives sampling: one generator, one per image (a
+    """Generate one batch of images, one per condition: a prompt (str) or a class label (int), as the backbone
+    takes (it checks the kind: one line otherwise). ``rng`` drives sampling: one generator, one per image (a
     batch then draws what single runs would), or None (the global RNG)."""
     method = method or Method()
     dev, spec = backbone.device, backbone.spec
-    rec = GenRecord(batch=len(prompts))
+    rec = GenRecord(batch=len(conditions))
     reset_peak_memory(dev)
     total = Stopwatch(dev)
     with backbone.precision():
-        cond = backbone.condition(prompts)
+        cond = backbone.condition(conditions)
         rec.text_len = backbone.text_lengths(cond)
         state = backbone.init_state(cond)
         kvs = [backbone.new_kv_cache() for _ in range(spec.depth)]

@@ -2,4 +2,5 @@
 BACKBONES = {
     "infinity": "varbench.backbones.infinity.load:build_infinity",
     "hart": "varbench.backbones.hart.load:build_hart",
+    "var": "varbench.backbones.var.load:build_var",
 }

@@ -2,7 +2,10 @@
 
 A backbone owns its weights and its inference settings (CFG, temperature, top-k/top-p); the loop composes:
 
-    cond  = condition(prompts)                    CFG as a doubled batch (``cond.rows`` = 2B, ``cond.batch`` = B)
+    cond  = condition(conditions)                 one per image: a prompt (str: Infinity, HART) or a class label
+                                                  (int: VAR), each backbone checking its kind (``text_conditions``,
+                                                  ``label_conditions``); CFG as a doubled batch (``cond.rows`` = 2B,
+                                                  ``cond.batch`` = B)
     state = init_state(cond)                      accumulated codes
     for scale in scales():                        objects with si, h, w, n (tokens fed), start, rule_w
         x   = scale_input(state, cond, scale)     [rows, n, C], level/position embeddings included
@@ -21,11 +24,38 @@ Methods never see the backbone: they get :class:`BackboneSpec` (what FLOP counti
 """
 from __future__ import annotations
 
+import numbers
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 import torch
+
+from varbench.errors import UserError
+
+Condition = Union[str, int]   # what one image is generated from: a text prompt or a class label
+
+
+def text_conditions(conditions, name: str) -> list[str]:
+    """The prompts of a text-conditioned backbone; anything else is one line naming the first offender."""
+    for c in conditions:
+        if not isinstance(c, str):
+            raise UserError(f"{name} is text-conditioned: each condition must be a prompt (str), got "
+                            f"{type(c).__name__} {c!r} (class labels are for class-conditional models such as VAR)")
+    return list(conditions)
+
+
+def label_conditions(conditions, num_classes: int, name: str) -> list[int]:
+    """The class labels of a class-conditional backbone: ints 0..num_classes−1, or num_classes for the
+    unconditional class; anything else is one line naming the first offender."""
+    out = []
+    for c in conditions:
+        ok = isinstance(c, numbers.Integral) and not isinstance(c, bool) and 0 <= int(c) <= num_classes
+        if not ok:
+            raise UserError(f"{name} is class-conditional: each condition must be a class label (int 0..{num_classes - 1},"
+                            f" {num_classes} = unconditional), got {type(c).__name__} {c!r}")
+        out.append(int(c))
+    return out
 
 
 @dataclass(frozen=True)
@@ -43,6 +73,7 @@ class BackboneSpec:
     mlp_hidden: int = 0       # FFN hidden width (0: 4 x embed_dim)
     mlp_mats: int = 2         # matrices in the FFN: 2 (GELU MLP) or 3 (SwiGLU)
     cross_attn: bool = True   # blocks cross-attend to text (Infinity) or not (HART: text tokens are a prefix)
+    conditioning: str = "text"  # what ``condition`` takes per image: "text" (prompts, str) or "class" (labels, int)
 
     @property
     def head_out(self) -> int:
@@ -79,7 +110,7 @@ class Backbone(Protocol):
     device: torch.device
 
     def scales(self) -> list: ...
-    def condition(self, prompts: list[str]) -> Any: ...
+    def condition(self, conditions: list[Condition]) -> Any: ...
     def cond_only(self, cond: Any) -> Any: ...
     def text_lengths(self, cond: Any) -> list[int]: ...
     def init_state(self, cond: Any) -> Any: ...

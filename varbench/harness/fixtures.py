@@ -39,6 +39,7 @@ from varbench.entropy import bitwise_entropy
 from varbench.errors import UserError
 from varbench.harness.checks import SCORE_RTOL, TOL, Check, _diff, format_checks  # noqa: F401
 from varbench.harness.fixtures_hart import check_hart_fixture
+from varbench.harness.fixtures_var import check_var_fixture, is_var_meta
 from varbench.hooks import Method
 from varbench.io import to_uint8
 from varbench.loop import generate
@@ -578,5 +579,7 @@ def _check_fixture(meta_path: str | Path) -> list[Check]:
     meta = json.loads(Path(meta_path).read_text())
     if (meta.get("transformer_config") or {}).get("model_type") == "hart_transformer_t2i":
         return check_hart_fixture(meta_path)
+    if is_var_meta(meta):  # VAR: a "config" with num_classes (varbench/harness/fixtures_var.py)
+        return check_var_fixture(meta_path, meta)
     src = json.dumps(meta.get("source", "")).lower()
     return check_skipvar_fixture(meta_path) if "skipvar" in src else check_infinity_fixture(meta_path)

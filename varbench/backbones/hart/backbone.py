@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from varbench.backbones.base import BackboneSpec
+from varbench.backbones.base import BackboneSpec, text_conditions
 from varbench.backbones.hart.diffusion import generator_noise, global_noise
 from varbench.backbones.hart.model import HARTTransformer, KVCache, image_coords, rope_1d, rope_2d
 from varbench.backbones.hart.vae import VQVAE
 from varbench.errors import UserError
+from varbench.sampling import draw, soft_embedding, top_k_top_p
 
 
 @dataclass
@@ -122,7 +123,7 @@ class HARTBackbone:
         return min(si, last - 1) / last if last > 0 else 0.0
 
     def condition(self, prompts: list[str]) -> HARTCond:
-        ctx, mask, pos = self.text(prompts)
+        ctx, mask, pos = self.text(text_conditions(prompts, self.name))
         ctx, mask, pos = ctx.to(self.device).float(), mask.to(self.device), pos.to(self.device)
         B = len(prompts)
         use_cfg = self.sampling.cfg != 0
@@ -201,42 +202,18 @@ class HARTBackbone:
 
     def filter_logits(self, logits: torch.Tensor, si: int) -> torch.Tensor:
         """Top-k (keep ≥ the k-th largest, ties kept) then top-p (sort ascending, drop cumsum ≤ 1−p, keep the max)."""
-        x = logits.float()
-        k = self.top_k(si)
-        if k > 0:
-            x = x.masked_fill(x < x.topk(k, largest=True, sorted=False, dim=-1)[0].amin(-1, keepdim=True), float("-inf"))
-        p = self.sampling.top_p
-        if p > 0:
-            srt, idx = x.sort(dim=-1, descending=False)
-            rm = srt.softmax(-1).cumsum(-1) <= (1 - p)
-            rm[..., -1:] = False
-            x = x.masked_fill(rm.scatter(idx.ndim - 1, idx, rm), float("-inf"))
-        return x
+        return top_k_top_p(logits, self.top_k(si), self.sampling.top_p)
 
     def sample(self, logits, h, cond: HARTCond, scale, rng):
         si, B = scale.si, cond.batch
         emb_w = self.vae.quantize.embedding.weight
         x = self.filter_logits(logits, si)
-        l, V = x.shape[1], x.shape[2]
         if self.forced_idx is not None and si < len(self.forced_idx):
-            idx = self.forced_idx[si].to(self.device).reshape(B, l)
+            idx = self.forced_idx[si].to(self.device).reshape(B, x.shape[1])
         else:
-            probs = x.softmax(-1)
-            if isinstance(rng, (list, tuple)):  # one generator per image: a batch draws what B single runs would
-                idx = torch.stack([torch.multinomial(probs[b], 1, replacement=True, generator=g).view(l)
-                                   for b, g in enumerate(rng)])
-            else:
-                idx = torch.multinomial(probs.view(-1, V), 1, replacement=True, generator=rng).view(B, l)
+            idx = draw(x, rng)
         if self.sampling.more_smooth:  # Gumbel soft embedding on the filtered logits (same rng, after the draw)
-            ratio = self.ratio(si)
-            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-            y = x.mul(1 + ratio)
-            gens = rng if isinstance(rng, (list, tuple)) else None
-            if gens is None:
-                e = torch.empty_like(y, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng)
-            else:
-                e = torch.cat([torch.empty_like(y[b:b + 1]).exponential_(generator=g) for b, g in enumerate(gens)])
-            emb = ((y - e.log()) / tau).softmax(-1) @ emb_w.unsqueeze(0)
+            emb = soft_embedding(x, self.ratio(si), emb_w, rng)
         else:
             emb = F.embedding(idx, emb_w)
         last = si == self.num_scales - 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from varbench.backbones.base import BackboneSpec
+from varbench.backbones.base import BackboneSpec, text_conditions
 from varbench.backbones.infinity.model import NORM_EPS, InfinityTransformer, KVCache, TextMemory
 from varbench.backbones.infinity.schedules import Schedule, rope_cos_sin, rope_positions
 from varbench.backbones.infinity.vae import BSQVAE, bits_to_codes
@@ -115,7 +115,7 @@ class InfinityBackbone:
         return self.sampling.cfg_insertion_layer == 0 and cfg != 1
 
     def condition(self, prompts: list[str]) -> InfinityCond:
-        kv, lens = self.text(prompts)
+        kv, lens = self.text(text_conditions(prompts, self.spec.name))
         kv = kv.to(self.device)
         B = len(prompts)
         use_cfg = any(self._cfg(s.si) != 1 for s in self._scales)
