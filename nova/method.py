@@ -184,7 +184,7 @@ class Nova(Method):
     STATUS = "reimplemented from the paper (no official code); readings in the README"
     Config = NovaConfig
     NOOP = {"r_max": 0.0}      # every ratio clipped to 0: the lens runs, every token is computed
-    batch_rectangular = False  # t* and the kept sets are per image
+    batch_rectangular = False  # t* and the kept sets are per image: the runner uses batch 1, generate() refuses more
     cfg: NovaConfig
 
     def reset(self) -> None:
@@ -307,11 +307,15 @@ class Nova(Method):
 
     def _layer_ratio(self, si: int) -> float:
         c = self.cfg
-        if c.ratio_override is not None:
-            return c.ratio_override
+        if c.ratio_override is not None:   # capped at r_max like every computed ratio (the record is the ratio applied)
+            return clip_ratio(c.ratio_override, c.r_max)
         if c.layer_linkage:   # Eq. 13 on Ratio_t (clipped first by default), then clipped
             return linked_layer_ratio(self._scale_base, self.layer_H[si], c.r_max, c.clip_scale_ratio)
         return clip_ratio(self._scale_base, c.r_max)
+
+    def _kept(self, n: int, r: float) -> int:
+        """Tokens kept of n at ratio r: K = n − floor(n·min(r, r_max)), at least ``min_keep`` (and at most n)."""
+        return keep_count(n, r, self.cfg.r_max, self.cfg.min_keep)
 
     def _keep(self, score: torch.Tensor, k: int) -> Selection:
         """Keep the k highest-scoring tokens (highest entropy: pruning drops the lowest-entropy ones)."""
@@ -334,8 +338,8 @@ class Nova(Method):
             self.layer_H[si].append(stat.mean().item())
         r = self._layer_ratio(si)
         self.ratios[si].append(r)
-        k = keep_count(n, r, c.r_max, c.min_keep)
-        self.claim(lctx, min(k, n))
+        k = self._kept(n, r)
+        self.claim(lctx, k)
         self._sel = None
         if k >= n:
             return None
@@ -379,6 +383,10 @@ class Nova(Method):
 
     def plan_scale(self, sctx: ScaleCtx):
         c = self.cfg
+        if sctx.si == 0 and sctx.batch > 1:   # issue 25 item 4: the maps below keep one image ([:1])
+            raise UserError(f"nova decides per image (t*, Ratio_t, H̄_t,j and the kept sets come from each image's own "
+                            f"entropy, and one Selection serves the whole batch): generate() takes one prompt per "
+                            f"call, got {sctx.batch} (the runner generates NOVA at batch_size=1)")
         if sctx.si == 0 and sctx.schedule:
             self.schedule_warning = self.check_schedule(sctx.schedule)
         skip = (c.ratio_one_means == "skip_scale" and bool(c.fixed_ratios) and self._active(sctx.si)

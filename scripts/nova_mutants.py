@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -85,6 +86,30 @@ def _clip_after_layer_only(r_t, layer_means, r_max=1.0, clip_scale_ratio="before
     return nm.clip_ratio(nm.layer_ratio(r_t, layer_means), r_max)
 
 
+_layer_ratio = nm.Nova._layer_ratio
+
+
+def _kept_without_min_keep(self, n, r):
+    return nm.keep_count(n, r, self.cfg.r_max)
+
+
+def _override_raw(self, si):
+    """ratio_override recorded and applied as given, whatever r_max says."""
+    return self.cfg.ratio_override if self.cfg.ratio_override is not None else _layer_ratio(self, si)
+
+
+def _kept_without_r_max(self, n, r):
+    return nm.keep_count(n, r, 1.0, self.cfg.min_keep)
+
+
+_token_entropy = nm.token_entropy
+
+
+def _categorical_in_bits(logits, head_type):
+    e = _token_entropy(logits, head_type)
+    return e / math.log(2) if head_type == "categorical" else e
+
+
 MUTANTS = {  # name -> [(owner, attribute, replacement)]
     "no_moving_average_eq10": [(nm, "detect_inflection", _no_moving_average)],
     "keep_lowest_entropy": [(nm.Nova, "_keep", _keep_lowest)],
@@ -94,6 +119,11 @@ MUTANTS = {  # name -> [(owner, attribute, replacement)]
     "separate_kept_sets_per_cfg_row": [(nm.Nova, "_maps", _per_row_maps)],
     "cache_only_at_active_scales": [(nm.Nova, "_records_cache", _cache_only_active)],
     "clip_ratio_t_after_layer_only": [(nm, "linked_layer_ratio", _clip_after_layer_only)],
+    # issue 25 item 5
+    "min_keep_not_applied": [(nm.Nova, "_kept", _kept_without_min_keep)],
+    "ratio_override_not_capped": [(nm.Nova, "_layer_ratio", _override_raw), (nm.Nova, "_kept", _kept_without_r_max)],
+    "ratio_override_recorded_uncapped": [(nm.Nova, "_layer_ratio", _override_raw)],
+    "categorical_entropy_in_bits": [(nm, "token_entropy", _categorical_in_bits)],
 }
 
 

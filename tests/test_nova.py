@@ -244,7 +244,8 @@ class Probe(Nova):
         def counting_folded(h, *a):   # the folded lens (lens: folded, the default) sees the same hidden states
             self.lens_rows.append((lctx.si, lctx.li, h.shape[0]))
             return folded(h, *a)
-        lctx.head_logits, lctx.lens_entropy = counting_head, counting_folded
+        lctx.head_logits = counting_head
+        lctx.lens_entropy = counting_folded if folded is not None else None   # HART has no folded lens
         cache = self.cache.get(lctx.li)
         sel = super().select(lctx, x)
         lctx.head_logits, lctx.lens_entropy = head, folded
@@ -472,3 +473,34 @@ def test_layer_entropy_source_prev_scale_final(tiny_backbone):
             assert _top_k_of(score, sel), (si, li)
             checked += 1
     assert checked
+
+
+# ---------------------------------------------------------------- issue 25 (fail-first on the old code)
+def test_several_prompts_are_refused_in_one_line(tiny_backbone):
+    """Item 4: t*, Ratio_t, H̄_{t,j} and the kept sets are each image's own, but a Selection is one rectangle for
+    the batch: the old code took image 0's entropies ([:1]) for every image. NOVA refuses a batch in one line."""
+    rngs = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    with pytest.raises(UserError, match="per image") as e:
+        generate(tiny_backbone, ["a red circle", "two blue squares"], Nova(NovaConfig(t_star=6)), rngs)
+    assert "\n" not in str(e.value) and "2" in str(e.value)
+    assert not Nova.batch_rectangular     # the runner then generates NOVA one image at a time
+
+
+def test_the_runner_gives_each_image_the_run_it_gets_alone(tiny_backbone, tmp_path):
+    """Item 4: generate_items with batch_size=2 gives, per image, exactly the single-prompt run with its own RNG
+    (with ``batch_rectangular = True`` the runner would batch the two prompts and NOVA would refuse)."""
+    import numpy as np
+    from PIL import Image
+
+    from varbench.harness.rundir import RunDir
+    from varbench.harness.runner import Item, generate_items
+    from varbench.io import to_uint8
+
+    prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
+    items = [Item(index=i, prompt=p, seed=s, relpath=f"{i}.png") for i, (p, s) in enumerate(zip(prompts, seeds))]
+    rd = RunDir(tmp_path)
+    generate_items(tiny_backbone, Nova(NovaConfig(t_star=6)), items, rd, {"name": "t"}, batch_size=2, progress=False)
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        alone = to_uint8(_gen(tiny_backbone, Nova(NovaConfig(t_star=6)), p, s).images)[0]
+        got = torch.from_numpy(np.asarray(Image.open(rd.images / f"{i}.png")))
+        assert torch.equal(got, alone), p

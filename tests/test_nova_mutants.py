@@ -14,6 +14,7 @@ import torch
 from test_nova import Probe, _ent, _gen, _sig
 
 from nova.method import Nova, NovaConfig
+from varbench.loop import generate
 from varbench.tokens import keep_count, resize_grid
 
 PROMPT = "a red circle"
@@ -136,3 +137,72 @@ def test_every_mutant_still_applies():
             assert hasattr(owner, attr), (name, attr)
             assert getattr(owner, attr) is not new, (name, attr)
     assert all(hasattr(Nova, a) for a in ("_keep", "_maps", "_entropy", "_growth_for_ratio", "_records_cache"))
+
+
+# ---------------------------------------------------------------- issue 25 item 5: corners no test covered
+def _pruned_scales(out):
+    return [int(k) for k in out.method_summary["ratios"]]
+
+
+def test_min_keep_is_applied_in_the_loop(tiny_backbone):
+    """``min_keep``: a ratio of 1 bypasses a block (K = 0), unless min_keep tokens must be kept: K = min(n, 5)."""
+    out = _gen(tiny_backbone, Nova(NovaConfig(t_star=6, ratio_override=1.0, min_keep=5, layer_linkage=False)))
+    rec, D = out.record, tiny_backbone.spec.depth
+    assert _pruned_scales(out) == list(range(6, len(rec.scale_hw)))
+    for si in _pruned_scales(out):
+        n = rec.scale_hw[si][0] * rec.scale_hw[si][1]
+        assert rec.tokens[si] == [min(n, 5)] * D, si
+    base = _gen(tiny_backbone, Nova(NovaConfig(t_star=6, ratio_override=1.0, layer_linkage=False)))
+    assert all(base.record.tokens[si] == [0] * D for si in _pruned_scales(base))
+    assert not torch.equal(out.images, base.images)
+
+
+def test_ratio_override_is_capped_at_r_max(tiny_backbone):
+    """``ratio_override`` 0.9 with r_max 0.5: every active (scale, layer) prunes floor(n/2) tokens and records 0.5."""
+    out = _gen(tiny_backbone, Nova(NovaConfig(t_star=6, ratio_override=0.9, r_max=0.5)))
+    rec, s, D = out.record, out.method_summary, tiny_backbone.spec.depth
+    assert _pruned_scales(out)
+    for si in _pruned_scales(out):
+        n = rec.scale_hw[si][0] * rec.scale_hw[si][1]
+        assert s["ratios"][str(si)] == [0.5] * D, si
+        assert rec.tokens[si] == [n - n // 2] * D, si
+
+
+def _nats(logits):
+    """Entropy of softmax(logits) in nats, in float64, written here (filtered logits at -inf contribute 0)."""
+    lp = logits.double().log_softmax(-1)
+    return -torch.where(lp.isfinite(), lp.exp() * lp, torch.zeros_like(lp)).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def hart_backbone():
+    from conftest import REPO
+    from omegaconf import OmegaConf
+
+    from varbench.harness.registry import build_backbone
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/hart_tiny_random.yaml"), resolve=True)
+    return build_backbone(cfg, "cpu", "fp32")
+
+
+def test_categorical_entropy_is_in_nats_in_the_loop_on_hart(hart_backbone):
+    """The categorical head (HART; VAR later): H̄_t = mean entropy of softmax over the codebook of the guided logits,
+    in nats, and H̄_{t,j} the same of the guided logit lens of block j's input (every other in-loop entropy test
+    runs on Infinity's bitwise head)."""
+    bb = hart_backbone
+    assert bb.spec.head_type == "categorical"
+    m = Probe(NovaConfig(t_star=len(bb.scales()) - 2))
+    out = generate(bb, [PROMPT], m, torch.Generator().manual_seed(0))
+    s = out.method_summary
+    H = s["entropy_per_scale"]
+    assert len(H) == len(m.final) == len(bb.scales())
+    for si, (lc, lu, lg) in m.final.items():
+        assert H[si] == pytest.approx(_nats(lg)[0].mean().item(), rel=1e-5), si
+    cond, checked = bb.condition([PROMPT]), 0
+    for (si, li), (x, _sel, _) in m.seen.items():
+        if str(si) in s["layer_entropy"]:
+            scale = bb.scales()[si]
+            lens = _nats(bb.guide(bb.head(x, cond, scale), cond, scale)[2])[0]
+            assert s["layer_entropy"][str(si)][li] == pytest.approx(lens.mean().item(), rel=1e-5), (si, li)
+            checked += 1
+    assert checked
