@@ -308,3 +308,63 @@ def test_the_unverified_switches_change_the_layout_as_the_official_classes_do():
     assert not any(k.endswith("scale_mul_1H11") for k in keys) and "context_norm.weight" not in keys
     assert bb.model.blocks[0].attn.scale == 0.25 / (128 // 2) ** 0.5
     assert torch.isfinite(_gen(bb).images).all()
+
+
+# ---------------------------------------------------------------- issue 25 item 8 (fail-first on the old code)
+HART_FIXTURE_FILES = ("meta.json", "transformer_weights.safetensors", "tokenizer_vae_weights.safetensors",
+                      "tensors.safetensors")
+
+
+def _renamed_copy(tmp_path, prefix: str):
+    import shutil
+
+    src = shared_path("fixtures", "hart", "tiny_hart_meta.json").parent
+    for f in HART_FIXTURE_FILES:
+        shutil.copy(src / f"tiny_hart_{f}", tmp_path / f"{prefix}{f}")
+    return tmp_path / f"{prefix}meta.json"
+
+
+def test_fixture_file_names_come_from_the_meta_files_name(tmp_path):
+    """``<tag>_meta.json`` -> ``<tag>_transformer_weights.safetensors`` etc. beside it (the Infinity checker's rule);
+    a missing file is a one-line UserError naming it."""
+    from varbench.errors import UserError
+    from varbench.harness.fixtures_hart import fixture_files
+
+    meta = _renamed_copy(tmp_path, "other_hart_")
+    files = fixture_files(meta)
+    assert files == {"transformer": tmp_path / "other_hart_transformer_weights.safetensors",
+                     "vae": tmp_path / "other_hart_tokenizer_vae_weights.safetensors",
+                     "tensors": tmp_path / "other_hart_tensors.safetensors"}
+    (tmp_path / "other_hart_tensors.safetensors").unlink()
+    from varbench.harness.fixtures_hart import build_from_meta
+
+    with pytest.raises(UserError, match="other_hart_tensors.safetensors") as e:
+        build_from_meta(meta)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_renamed_fixture_is_checked(tmp_path):
+    from varbench.harness.fixtures import check_fixture
+
+    checks = check_fixture(_renamed_copy(tmp_path, "renamed_"))
+    assert len(checks) >= 40 and all(c.ok for c in checks), [(c.name, c.max_abs_diff, c.tol) for c in checks if not c.ok]
+
+
+def test_free_running_diffusion_steps_are_judged_relative_to_their_scale():
+    """A free-running step (its input is our previous step's output) may amplify 1e-6 rounding: 1.3e-3 on a step
+    whose values reach 174 is 7.5e-6 of its scale and passes; the same 1.3e-3 on a step of scale 3.6, and any
+    teacher-forced step beyond the absolute 1e-4, fail."""
+    from varbench.harness.checks import TOL
+    from varbench.harness.fixtures_hart import free_running_check
+
+    big = torch.zeros(2, 8)
+    big[0, 0] = 173.9
+    assert free_running_check("s6", big + 1.3e-3, big).ok
+    assert free_running_check("s6", big + 1.3e-3, big).tol == pytest.approx(TOL["codes"] * 173.9)
+    small = torch.full((2, 8), 3.6)
+    assert not free_running_check("s3", small + 1.3e-3, small).ok
+    assert free_running_check("s3", small + 3e-4, small).ok                      # 3e-4 <= 1e-4 x 3.6
+    tiny = torch.full((2, 8), 0.01)                                              # never stricter than 1e-4 absolute
+    assert free_running_check("s7", tiny + 9e-5, tiny).ok and not free_running_check("s7", tiny + 2e-4, tiny).ok
+    assert free_running_check("s", big[:1], big).max_abs_diff == float("inf")   # a shape mismatch fails

@@ -1,4 +1,8 @@
-"""HART golden-fixture check: rebuild HART from ``tiny_hart_meta.json`` alone and compare with the official run.
+"""HART golden-fixture check: rebuild HART from a fixture's meta file alone and compare with the official run.
+
+Files: ``<tag>_meta.json`` beside ``<tag>_transformer_weights.safetensors``, ``<tag>_tokenizer_vae_weights.safetensors``
+and ``<tag>_tensors.safetensors`` (the shared fixture: tag ``tiny_hart``); the tag is the meta's ``tag`` field when it
+has one, else its file name less ``meta.json``, as the Infinity checker (``fixtures.py`` ``_files``) names its files.
 
 Fixture format: ``shared/fixtures/hart/README.md`` (official mit-han-lab/hart @e28a41fe classes on CPU, fp32).
 The official run called ``torch.manual_seed(123)`` just before ``autoregressive_infer_cfg``; nothing in it draws
@@ -7,9 +11,12 @@ from torch's global RNG before the diffusion head, so the diffusion noise is reg
 
 1. replay (recorded indices forced, global-RNG diffusion noise): raw cond/uncond head logits of every fed token at
    every scale (scale 0: all context positions), the diffusion condition ``z``, the CFG scale of the diffusion,
-   every diffusion step (input, timestep, output), the scaled residual, ``f_hat`` and the image;
+   every diffusion step (input, timestep, output), the scaled residual, ``f_hat`` and the image. The diffusion runs
+   free here (each step's input is our previous step's output), and with random weights a step can amplify 1e-6
+   rounding sixty-fold (1.3e-3 at step 6, whose values reach 174) before the next contracts it again: each such step
+   is judged relative to its scale, |Δ| <= 1e-4 x max(1, max|ref|) (``free_running_check``);
 2. teacher forcing of each diffusion step: our ``p_sample`` on the recorded step input, timestep and ``z`` with
-   the regenerated noise gives the recorded step output;
+   the regenerated noise gives the recorded step output, strictly (absolute 1e-4: no amplification to excuse);
 3. free sampling with the fixture's ``g_seed``: our sampler draws the recorded indices, and the same image;
 4. the effective top-k per stage (hard-coded 600/300).
 """
@@ -23,6 +30,7 @@ from safetensors.torch import load_file
 
 from varbench.backbones.hart.backbone import HARTBackbone, HARTSampling
 from varbench.backbones.hart.load import arch_from_official, new_modules
+from varbench.errors import UserError
 from varbench.harness.checks import TOL, Check, _diff
 from varbench.hooks import Method
 from varbench.loop import generate
@@ -38,20 +46,44 @@ class FixedContext:
         return self.out
 
 
+def fixture_files(meta_path: str | Path, meta: dict | None = None) -> dict[str, Path]:
+    """The fixture's files beside its meta file, named by its tag (see the module docstring)."""
+    meta_path = Path(meta_path)
+    meta = json.loads(meta_path.read_text()) if meta is None else meta
+    name = meta_path.name
+    tag = meta.get("tag") or (name[: -len("meta.json")].rstrip("_") if name.endswith("meta.json") else meta_path.stem)
+    pre, d = (f"{tag}_" if tag else ""), meta_path.parent
+    return {"transformer": d / f"{pre}transformer_weights.safetensors",
+            "vae": d / f"{pre}tokenizer_vae_weights.safetensors", "tensors": d / f"{pre}tensors.safetensors"}
+
+
+def _tensors(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: missing (a fixture's files lie beside its meta file, named <tag>_*)")
+    return load_file(str(path))
+
+
 def _weights(path: Path) -> dict:
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in _tensors(path).items()}
+
+
+def free_running_check(name: str, got: torch.Tensor, ref: torch.Tensor) -> Check:
+    """A free-running diffusion tensor: |Δ| <= TOL["codes"] x max(1, max|ref|) (never stricter than the absolute
+    1e-4; relative where the step's values are large)."""
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    return Check(f"{name} (free-running, tol x max|ref|)", _diff(got, ref), TOL["codes"] * scale)
 
 
 def build_from_meta(meta_path: str | Path):
     """(backbone, tensors, meta) with the fixture's weights loaded strictly."""
     meta_path = Path(meta_path)
     meta = json.loads(meta_path.read_text())
-    d = meta_path.parent
+    files = fixture_files(meta_path, meta)
     arch, vcfg = arch_from_official(meta["transformer_config"], meta["tokenizer_config"])
     tf, vae = new_modules(arch, vcfg)
-    tf.load_state_dict(_weights(d / "tiny_hart_transformer_weights.safetensors"), strict=True)
-    vae.load_state_dict(_weights(d / "tiny_hart_tokenizer_vae_weights.safetensors"), strict=True)
-    t = load_file(str(d / "tiny_hart_tensors.safetensors"))
+    tf.load_state_dict(_weights(files["transformer"]), strict=True)
+    vae.load_state_dict(_weights(files["vae"]), strict=True)
+    t = _tensors(files["tensors"])
     s = meta["sampling"]
     smp = HARTSampling(cfg=s["cfg"], top_p=s["top_p"], more_smooth=bool(s["more_smooth"]),
                        final_stage=int(s["final_stage"]), diffusion_noise="global")
@@ -103,8 +135,8 @@ def check_hart_fixture(meta_path: str | Path) -> list[Check]:
             continue
         e = steps[j]
         out.append(Check(f"diff_step{j}_t", float((e["t"] != t[f"diff_step{j}_t"]).sum()), TOL["exact"]))
-        out.append(Check(f"diff_step{j}_x_in", _diff(e["x_in"], t[f"diff_step{j}_x_in"]), TOL["codes"]))
-        out.append(Check(f"diff_step{j}_x_out", _diff(e["x_out"], t[f"diff_step{j}_x_out"]), TOL["codes"]))
+        out.append(free_running_check(f"diff_step{j}_x_in", e["x_in"], t[f"diff_step{j}_x_in"]))
+        out.append(free_running_check(f"diff_step{j}_x_out", e["x_out"], t[f"diff_step{j}_x_out"]))
     out.append(Check("diff_out_scaled", _diff(tail[0]["out_scaled"], t["diff_out_scaled"]) if tail else float("inf"),
                      TOL["codes"]))
     out.append(Check("f_hat_final", _diff(res.state.f_hat, t["f_hat_final"]), TOL["codes"]))
