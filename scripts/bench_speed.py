@@ -20,6 +20,7 @@ decision are meaningless then; pin them with --set, e.g. NOVA's t_star).
 """
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -50,14 +51,16 @@ def register() -> None:
     so it fails only if it is asked for."""
     from hydra.core.config_store import ConfigStore
 
-    from varbench.harness.registry import METHODS, method_class, register_configs
+    from varbench.harness import registry
 
     try:
-        register_configs()
+        registry.register_configs()
     except ImportError:
-        for family in METHODS:
+        families = registry.names("method") if hasattr(registry, "names") else list(registry.METHODS)
+        for family in families:
             try:
-                ConfigStore.instance().store(group="method", name=f"_{family}", node=method_class(family).Config)
+                ConfigStore.instance().store(group="method", name=f"_{family}",
+                                             node=registry.method_class(family).Config)
             except ImportError:
                 pass
 
@@ -92,6 +95,7 @@ def parse(argv):
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     ap.add_argument("--pin", default="", help="CPU affinity, e.g. 0,1 or 0-3 (Linux)")
     ap.add_argument("--spread-warn", type=float, default=0.10, help="warn when (max-min)/median exceeds this")
+    ap.add_argument("--json", metavar="PATH", help="also write every figure of the table (and the setup) as JSON")
     return ap.parse_args(argv)
 
 
@@ -123,6 +127,8 @@ def validate(a) -> None:
         from varbench.harness.official import check_checkout
 
         check_checkout(a.official)
+    if a.json and not Path(a.json).expanduser().resolve().parent.is_dir():
+        raise UserError(f"--json {a.json}: folder {Path(a.json).parent} does not exist")
     if a.pin:
         cpus = parse_cpus(a.pin)
         if not hasattr(os, "sched_setaffinity"):
@@ -164,15 +170,21 @@ def main(argv=None) -> int:
         mcfg["files"] = None
     if a.compile:
         check_compile(mcfg)
+    if a.official and mcfg.get("family") != "infinity":
+        raise UserError(f"--official compares with FoundationVision/Infinity; model {a.model!r} is "
+                        f"{mcfg.get('family')!r}")
+    t_build = time.perf_counter()
     bb = build_backbone(mcfg, device, dtype)
-    official = None
+    sync(bb.device)
+    t_build = time.perf_counter() - t_build
+    official, t_official = None, 0.0
     if a.official:
         from varbench.harness.official import build_official
 
-        if mcfg.get("family") != "infinity":
-            raise UserError(f"--official compares with FoundationVision/Infinity; model {a.model!r} is "
-                            f"{mcfg.get('family')!r}")
+        t_official = time.perf_counter()
         official = build_official(a.official, bb, mcfg)
+        sync(bb.device)
+        t_official = time.perf_counter() - t_official
     prompts = (PROMPTS * (a.prompts // len(PROMPTS) + 1))[: a.prompts]
 
     # the T5 is not timed: both sides get the same cached text features
@@ -257,7 +269,8 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{', pinned to CPUs ' + a.pin if a.pin else ''}{f' (affinity {aff})' if aff and not a.pin else ''}")
     print(f"# per-image scale-loop latency (text encoder cached, no VAE decode); {len(prompts)} prompts x "
-          f"{a.repeats} round-robin rounds (rotating order) after {a.warmup} warmup run(s) per runner ({t_warm:.0f} s)")
+          f"{a.repeats} round-robin rounds (rotating order) after {a.warmup} warmup run(s) per runner ({t_warm:.0f} s); "
+          f"model built in {t_build:.1f} s{f', official in {t_official:.1f} s' if official is not None else ''}")
     if official is not None:
         print(f"# official: FoundationVision/Infinity autoregressive_infer_cfg from {official.checkout}, our weights; "
               f"stand-ins: {'; '.join(official.standins) or 'none (flash-attn installed)'}")
@@ -265,7 +278,7 @@ def main(argv=None) -> int:
     print("| run | min (s) | median (s) | max (s) | spread | speedup vs none (median) | speedup (min) | "
           "FLOP-ideal speedup | realized / ideal | latency / official (median) | peak memory (GPU) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    wide = []
+    wide, rows = [], []
     for n in order:
         lo, med, hi = stat[n]
         spread = (hi - lo) / med if med > 0 else 0.0
@@ -277,6 +290,11 @@ def main(argv=None) -> int:
         vs_off = f"{med / stat['official'][1]:.2f}x" if official is not None else "—"
         print(f"| {n} | {lo:.3f} | {med:.3f} | {hi:.3f} | {spread:.0%} | {real:.2f}x | {bmin / lo:.2f}x | "
               f"{ideal:.2f}x | {real / ideal:.0%} | {vs_off} | {fmt_bytes(peak[n])} |")
+        rows.append({"run": n, "min_s": lo, "median_s": med, "max_s": hi, "rounds_s": per_round[n], "spread": spread,
+                     "speedup_median": real, "speedup_min": bmin / lo, "flop_ideal_speedup": ideal,
+                     "realized_over_ideal": real / ideal,
+                     "over_official_median": med / stat["official"][1] if official is not None else None,
+                     "peak_memory_bytes": peak[n] or None})
     if official is not None:
         lo, med, _ = stat["official"]
         print(f"\nours none / official: {stat['none'][1] / med:.2f}x (medians), {stat['none'][0] / lo:.2f}x (minima)")
@@ -289,6 +307,21 @@ def main(argv=None) -> int:
         print(f"\nWARNING: wide spread (> {a.spread_warn:.0%}): {', '.join(wide)}. The machine is loaded or noisy: the "
               f"ratio of minima is the more trustworthy one; rerun with more --repeats, --threads/--pin, on a quiet "
               f"machine.", file=sys.stdout)
+    if a.json:
+        info = {"model": a.model, "device": label, "device_kind": "cuda" if device.startswith("cuda") else "cpu",
+                "dtype": dtype, "weights": weights, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version() if device.startswith("cuda") else None,
+                "threads": torch.get_num_threads(), "prompts": len(prompts), "repeats": a.repeats,
+                "warmup": a.warmup, "sets": a.set, "compile": a.compile, "build_s": t_build,
+                "official_build_s": t_official if official is not None else None, "warmup_s": t_warm,
+                "official": official.checkout if official is not None else None,
+                "standins": official.standins if official is not None else None,
+                "none_over_official_median": stat["none"][1] / stat["official"][1] if official is not None else None,
+                "none_compile_over_official_median": (stat["none+compile"][1] / stat["official"][1]
+                                                      if official is not None and a.compile else None),
+                "equality": equality, "wide_spread": wide, "rows": rows,
+                "profile": {n: {"loop_s": w, **b} for n, (w, b) in prof.items()} if prof else None}
+        Path(a.json).expanduser().write_text(json.dumps(info, indent=1, default=str) + "\n")
     if prof:
         print("\n# profile per image (torch.profiler ranges, varbench/profiling.py; share of the profiled scale loop, "
               "profiler overhead included" + ("; host-side ranges on GPU" if device.startswith("cuda") else "") + ")")

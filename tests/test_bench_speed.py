@@ -50,6 +50,7 @@ def test_table_with_spread_columns_and_profile():
     (["--official", "/nonexistent/Infinity"], "not a FoundationVision/Infinity checkout"),
     (["--pin", "a-b"], "--pin must list CPUs"),
     (["--set", "t_star=6"], "--set wants"),
+    (["--json", "/nonexistent/dir/speed.json"], "--json /nonexistent/dir/speed.json: folder"),
 ])
 def test_bad_input_is_one_line_before_any_model_loads(args, needle, monkeypatch, capsys):
     r = _run(*args, timeout=120)
@@ -64,7 +65,7 @@ def test_bad_input_is_one_line_before_any_model_loads(args, needle, monkeypatch,
         raise AssertionError("a model was loaded before the name check")
 
     monkeypatch.setattr(reg, "build_backbone", boom)
-    with pytest.raises(mod.UserError, match="unknown|checkout|--pin|--set"):
+    with pytest.raises(mod.UserError, match="unknown|checkout|--pin|--set|--json"):
         mod.main(args)
 
 
@@ -172,3 +173,26 @@ def test_compile_on_a_backbone_without_it_is_one_line_before_any_model_loads(mon
     monkeypatch.setattr(reg, "build_backbone", boom)
     with pytest.raises(mod.UserError, match="compile=true is implemented"):
         mod.main(["--model", "hart_tiny_random", "--methods", "none", "--compile"])
+
+
+def test_json_holds_every_figure_of_the_table(tmp_path):
+    """--json (scripts/gpu_check.py reads it): the setup and, per run, what the table prints."""
+    import json
+
+    out = tmp_path / "speed.json"
+    r = _run("--model", "tiny_random", "--methods", "none,nova", "--prompts", "1", "--repeats", "2", "--warmup", "0",
+             "--set", "nova.t_star=6", "--threads", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["model"] == "tiny_random" and d["dtype"] == "fp32" and d["device_kind"] == "cpu" and d["repeats"] == 2
+    assert d["torch"] == torch.__version__ and d["sets"] == ["nova.t_star=6"] and d["build_s"] > 0
+    rows = {row["run"]: row for row in d["rows"]}
+    assert list(rows) == ["none", "nova"]
+    for name, row in rows.items():
+        assert len(row["rounds_s"]) == 2 and row["min_s"] == min(row["rounds_s"]) and row["max_s"] == max(row["rounds_s"])
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith(f"| {name} |"))
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert cells[2] == f"{row['median_s']:.3f}" and cells[5] == f"{row['speedup_median']:.2f}x"
+        assert cells[7] == f"{row['flop_ideal_speedup']:.2f}x" and cells[8] == f"{row['realized_over_ideal']:.0%}"
+        assert row["over_official_median"] is None and row["peak_memory_bytes"] is None   # no official; CPU
+    assert rows["nova"]["flop_ideal_speedup"] > 1.0 and "model built in" in r.stdout
