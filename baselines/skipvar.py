@@ -97,6 +97,7 @@ class SkipVAR(Method):
     Config = SkipVARConfig
     NOOP = {"decision_from_end": 99}       # the decision scale is never reached
     FAMILIES = ("infinity",)               # the official code and decision model exist for Infinity only
+    features = staticmethod(features)      # the decision features, for checks that only have the class (fixtures)
     batch_rectangular = False
     cfg: SkipVARConfig
 

@@ -56,12 +56,12 @@ def main(argv=None) -> int:
     import torch
     from omegaconf import OmegaConf
 
-    from eval.fidelity import psnr_ssim
     from varbench.errors import UserError
     from varbench.flops import generation_flops
     from varbench.harness.registry import build_backbone, build_method
     from varbench.hooks import Method
     from varbench.loop import generate
+    from varbench.results.fidelity import psnr_ssim
 
     mpath = REPO / "conf/model" / f"{a.model}.yaml"
     if not mpath.exists():
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     if a.prompts:
         prompts = [p.strip() for p in a.prompts.read_text().splitlines() if p.strip()]
     else:
-        from eval.datasets import load_prompts
+        from varbench.harness.runner import load_prompts
 
         bench = OmegaConf.to_container(OmegaConf.load(REPO / "conf/bench" / f"{a.bench}.yaml"), resolve=True)
         prompts = [p.prompt for p in load_prompts(bench)]

@@ -2,6 +2,7 @@
 project import hidden inside a function (those exist only to dodge a cycle).
 
     python scripts/import_graph.py            # prints the layer-to-layer edges; exit 1 on a violation
+    python scripts/import_graph.py --folders  # the same, as arrows between the top-level folders
 
 Layers (a module may import its own layer's package or lower layers only):
   0 core       varbench.{errors,io,weights,tokens,entropy,attention*,hooks,records,flops,loop,profiling},
@@ -10,10 +11,13 @@ Layers (a module may import its own layer's package or lower layers only):
   2 plug-ins   nova.* (NOVA), baselines.* (other methods), eval.* (scorers, results store, tables)
   3 harness    varbench.harness.* (registry, runner, run dirs, fixture checks, CLI)
   4 entry      run.py, scripts/*
-Plug-in packages do not import each other (a method never imports a scorer, and so on).
+Plug-in packages do not import each other (a method never imports a scorer, and so on). At the level of top folders,
+``varbench/`` (core, backbones and harness) imports no plug-in folder: the harness finds plug-ins through entry points
+(varbench/harness/registry.py), so the core never calls up into ``nova/``, ``baselines/`` or ``eval/``.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import sys
 from collections import defaultdict
@@ -21,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("varbench", "nova", "baselines", "eval")
+PLUGIN_FOLDERS = ("nova/", "baselines/", "eval/")
 LAYER_NAMES = {0: "core", 1: "backbones", 2: "plug-ins", 3: "harness", 4: "entry"}
 
 
@@ -79,34 +84,55 @@ def resolve(name: str, known: set[str]) -> str:
     return parts[0]
 
 
-def analyse():
+def folder(mod: str) -> str:
+    """The top-level folder of a module (``scripts/``, ``run.py``, a package)."""
+    top = mod.split(".")[0]
+    return "run.py" if top == "run" else f"{top}/"
+
+
+def imports():
+    """(file, source module, imported module, line, inside a function?) for every project import, once per line."""
     files = [f for pkg in PACKAGES for f in (REPO / pkg).rglob("*.py")] + [REPO / "run.py"] + \
         sorted((REPO / "scripts").glob("*.py"))
     known = {module_name(f) for f in files}
-    edges, problems = defaultdict(int), []
-    graph = defaultdict(set)
     for f in files:
-        src = module_name(f)
-        (ls, us) = layer(src)
         seen = set()
         for name, line, in_func in project_imports(f):
             dst = resolve(name, known)
-            if (dst, line) in seen:
-                continue
-            seen.add((dst, line))
-            (ld, ud) = layer(dst)
-            where = f"{f.relative_to(REPO)}:{line}"
-            if in_func and ls < 4:
-                problems.append(f"{where}: import of {dst} inside a function")
-            if ud == us:
-                graph[src].add(dst)
-                continue
-            edges[(ls, us, ld, ud)] += 1
+            if (dst, line) not in seen:
+                seen.add((dst, line))
+                yield f, module_name(f), dst, line, in_func
+
+
+def folder_edges() -> dict[tuple[str, str], int]:
+    """(source folder, imported folder) -> count of import statements, between different top-level folders."""
+    out = defaultdict(int)
+    for _, src, dst, _, _ in imports():
+        if folder(src) != folder(dst):
+            out[(folder(src), folder(dst))] += 1
+    return dict(out)
+
+
+def analyse():
+    edges, problems = defaultdict(int), []
+    graph = defaultdict(set)
+    for f, src, dst, line, in_func in imports():
+        (ls, us), (ld, ud) = layer(src), layer(dst)
+        where = f"{f.relative_to(REPO)}:{line}"
+        if folder(src) == "varbench/" and folder(dst) in PLUGIN_FOLDERS:
+            problems.append(f"{where}: {src} imports {dst}: varbench/ calls up into a plug-in folder "
+                            f"(find plug-ins through the registry's entry points)")
+        if in_func and ls < 4:
+            problems.append(f"{where}: import of {dst} inside a function")
+        if ud == us:
             graph[src].add(dst)
-            if ld > ls:
-                problems.append(f"{where}: {src} (layer {ls}) imports {dst} (layer {ld}): upward")
-            elif ld == ls and ls < 4:
-                problems.append(f"{where}: {src} imports {dst}: two packages of the same layer")
+            continue
+        edges[(ls, us, ld, ud)] += 1
+        graph[src].add(dst)
+        if ld > ls:
+            problems.append(f"{where}: {src} (layer {ls}) imports {dst} (layer {ld}): upward")
+        elif ld == ls and ls < 4:
+            problems.append(f"{where}: {src} imports {dst}: two packages of the same layer")
     problems += [f"cycle: {' -> '.join(c)}" for c in cycles(graph)]
     return edges, problems
 
@@ -129,11 +155,19 @@ def cycles(graph) -> list[list[str]]:
     return out
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="the project's import graph, checked")
+    ap.add_argument("--folders", action="store_true", help="print arrows between top-level folders")
+    a = ap.parse_args(argv)
     edges, problems = analyse()
-    print("imports between units, by layer (count of import statements):")
-    for (ls, us, ld, ud), n in sorted(edges.items()):
-        print(f"  {LAYER_NAMES[ls]:>9} {us:<26} -> {LAYER_NAMES[ld]:<9} {ud:<26} {n:3d}")
+    if a.folders:
+        print("imports between top-level folders (count of import statements):")
+        for (src, dst), n in sorted(folder_edges().items()):
+            print(f"  {src:<12} -> {dst:<12} {n:3d}")
+    else:
+        print("imports between units, by layer (count of import statements):")
+        for (ls, us, ld, ud), n in sorted(edges.items()):
+            print(f"  {LAYER_NAMES[ls]:>9} {us:<26} -> {LAYER_NAMES[ld]:<9} {ud:<26} {n:3d}")
     up = sum(n for (ls, _, ld, _), n in edges.items() if ld > ls)
     print(f"upward edges: {up}; problems: {len(problems)}")
     for p in problems:

@@ -21,11 +21,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="also write the markdown here")
     ap.add_argument("--paper", action="store_true", help="print the paper's Tables 1-5 with our numbers beside them")
     a = ap.parse_args(argv)
-    from eval import store, tables
+    from varbench.results import store, tables
 
     df = store.load(a.results_root)
     if a.paper or not (a.model or a.bench or a.csv):
-        from eval import paper
+        from varbench.results import paper
 
         md = "\n\n".join(paper.render(n, df) for n in sorted(paper.TABLES))
         if len(df) and not a.paper:

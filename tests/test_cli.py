@@ -67,7 +67,7 @@ BAD = [  # (arguments, a phrase the one line must contain)
     (["bench.limit=abc"], "bench.limit must be an integer"),
     (["seed=abc"], "seed must be an integer"),
     (["batch_size=0"], "batch_size must be >= 1"),
-    (["method.alpha=abc"], "Value 'abc' of type 'str' could not be converted to Float"),
+    (["method.alpha=abc"], "method.alpha must be a number, got 'abc'"),
     (["method.alpah=0.3"], "method.alpah is not an option of NovaConfig (did you mean 'alpha'?)"),
     (["method.r_max=1.5"], "[0, 1]"),
     (["method.alpha=-1"], "nova.alpha must be > 0 (Eq. 10"),

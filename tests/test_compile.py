@@ -21,9 +21,10 @@ def test_compile_option_is_checked_before_anything_loads(tmp_path):
     from conftest import compose
 
     from varbench.harness.runner import run
-    cfg = compose("bench=smoke", "method=none", "compile=maybe", f"run_dir={tmp_path / 'r'}")
+    cfg = compose("bench=smoke", "method=none", f"run_dir={tmp_path / 'r'}") | {"compile": "maybe"}
     with pytest.raises(UserError, match="compile must be true or false"):
         run(cfg)
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ def test_truncated_safetensors_is_one_line_naming_the_file(tmp_path, trained_tin
 
 
 def test_malformed_prompt_file_names_file_and_line(tmp_path):
-    from eval.datasets import load_prompts
+    from varbench.harness.runner import load_prompts
 
     (tmp_path / "geneval").mkdir()
     (tmp_path / "geneval/evaluation_metadata.jsonl").write_text('{"prompt": "a", "tag": "x"}\n{"prompt": "b", \n')

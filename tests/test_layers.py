@@ -32,3 +32,25 @@ def test_the_checker_catches_an_upward_import(tmp_path, monkeypatch):
     (tmp_path / "nova" / "method.py").write_text("")
     _, problems = g.analyse()
     assert any("upward" in p for p in problems) and any("inside a function" in p for p in problems)
+
+
+def test_varbench_folder_imports_no_plug_in_folder():
+    """At the level of top folders, varbench/ (core, backbones, harness) never imports nova/, baselines/ or eval/."""
+    edges = _graph().folder_edges()
+    assert not [(s, d) for (s, d) in edges if s == "varbench/" and d in ("nova/", "baselines/", "eval/")], edges
+    assert ("nova/", "varbench/") in edges and ("eval/", "varbench/") in edges
+
+
+def test_the_checker_catches_the_harness_importing_a_plug_in(tmp_path, monkeypatch):
+    g = _graph()
+    (tmp_path / "varbench" / "harness").mkdir(parents=True)
+    (tmp_path / "varbench" / "harness" / "reg.py").write_text("import baselines.fastvar\n")
+    (tmp_path / "run.py").write_text("")
+    (tmp_path / "scripts").mkdir()
+    for pkg in ("nova", "baselines", "eval"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "baselines" / "fastvar.py").write_text("")
+    monkeypatch.setattr(g, "REPO", tmp_path)
+    _, problems = g.analyse()
+    assert any("calls up into a plug-in folder" in p for p in problems), problems

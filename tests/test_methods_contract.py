@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import REPO, compose_method, contract_models
 
-from varbench.harness.registry import METHODS, build_backbone, build_method, method_class
+from varbench.harness.registry import build_backbone, build_method, method_class, names
 from varbench.hooks import Method
 from varbench.loop import generate
+
+METHODS = names("method")
 
 CONFIGS = sorted(p.stem for p in (REPO / "conf/method").glob("*.yaml"))
 MODELS = contract_models()
@@ -27,7 +29,8 @@ def backbone(model: str):
 
 
 def _gen(bb, m, seed=0):   # the generator on the backbone's device (tests/test_gpu.py runs this contract on CUDA)
-    return generate(bb, ["two green circles"], m, torch.Generator(device=bb.device).manual_seed(seed))
+    cond = "two green circles" if bb.spec.conditioning == "text" else 3   # a prompt, or a class label (VAR)
+    return generate(bb, [cond], m, torch.Generator(device=bb.device).manual_seed(seed))
 
 
 def check_contract(bb, make) -> None:

@@ -28,7 +28,7 @@ def test_flops_by_hand():
 
 
 def test_fidelity_identical_and_different():
-    from eval.fidelity import psnr_ssim
+    from varbench.results.fidelity import psnr_ssim
 
     g = torch.Generator().manual_seed(0)
     a = torch.rand(1, 3, 32, 32, generator=g)
@@ -40,7 +40,7 @@ def test_fidelity_identical_and_different():
 
 
 def test_store_dedupes_and_table_shows_missing_as_dash(tmp_path):
-    from eval import store, tables
+    from varbench.results import store, tables
 
     base = {"model": "tiny", "bench": "smoke", "overrides": "default", "n": 4, "git_sha": "x"}
     store.append_rows(tmp_path, [base | {"run": "a", "method": "none", "metric": "latency_s", "value": 2.0},
@@ -97,7 +97,7 @@ def test_bench_speed_prints_ratios_in_one_process():
 
 
 def test_paper_tables_show_ours_beside_the_paper(tmp_path):
-    from eval import paper, store
+    from varbench.results import paper, store
 
     base = {"model": "infinity_2b", "method": "nova", "bench": "geneval", "overrides": "default", "n": 2212,
             "git_sha": "x", "run": "r"}
@@ -112,7 +112,7 @@ def test_paper_tables_show_ours_beside_the_paper(tmp_path):
 def test_wandb_mirror_logs_metrics_and_images(tmp_path, monkeypatch):
     import types
 
-    from eval.wandb_log import mirror
+    from varbench.results.wandb_log import mirror
 
     calls = []
     run = types.SimpleNamespace(log=lambda d: calls.append(d), finish=lambda: calls.append("finish"))
@@ -129,7 +129,7 @@ def test_wandb_mirror_logs_metrics_and_images(tmp_path, monkeypatch):
 
 
 def test_a_model_specific_method_config_fills_the_papers_row_of_its_family(tmp_path):
-    from eval import paper, store
+    from varbench.results import paper, store
 
     base = {"model": "hart_0.7b", "bench": "geneval", "overrides": "default", "n": 4, "git_sha": "x"}
     store.append_rows(tmp_path, [base | {"run": "r1", "method": "fastvar_hart", "family": "fastvar",
@@ -141,7 +141,7 @@ def test_a_model_specific_method_config_fills_the_papers_row_of_its_family(tmp_p
 
 def test_make_tables_for_one_model_and_bench_with_string_columns(tmp_path):
     """rows carry note/device/family strings: make_tables --model/--bench crashed formatting them as numbers."""
-    from eval import store
+    from varbench.results import store
 
     base = {"model": "tiny", "bench": "shapes", "overrides": "default", "n": 4, "git_sha": "x", "device": "cpu:x:2",
             "family": "sparsevar", "note": "reconstructed"}

@@ -25,7 +25,7 @@ def test_torn_last_line_loses_nothing(tmp_path):
 
 
 def test_store_rows_survive_a_torn_line(tmp_path):
-    from eval import store
+    from varbench.results import store
 
     base = {"model": "m", "bench": "b", "method": "x", "overrides": "d", "run": "r", "n": 1}
     store.append_rows(tmp_path, [base | {"metric": "a", "value": 1.0}])
@@ -113,14 +113,15 @@ def test_kill_9_at_random_points_then_resume_every_image_and_record_once(tmp_pat
 def test_reference_dir_comes_from_the_runs_identity_not_from_the_folder(tmp_path):
     """hydra.run.dir=/some/dir/run1 used to put the reference at /some/none/run1; and a comma in an override
     (method.fixed_ratios={32:0.4,40:0.5}) broke the folder-name parsing."""
+    from varbench.harness.config import RunConfig
     from varbench.harness.runner import run_paths
 
     cfg = {"results_root": str(tmp_path / "res"), "model": {"name": "tiny"}, "bench": {"name": "smoke"},
            "method": {"name": "nova"}, "run_dir": str(tmp_path / "some/dir/run1")}
-    main, ref = run_paths(cfg, ["method.fixed_ratios={32:0.4,40:0.5}", "seed=3", "method.scale_linkage=false"])
+    main, ref = run_paths(RunConfig.from_dict(cfg), ["method.fixed_ratios={32:0.4,40:0.5}", "seed=3", "method.scale_linkage=false"])
     assert main == tmp_path / "some/dir/run1"
     assert ref == tmp_path / "res/runs/tiny/smoke/none/seed=3"
-    main2, ref2 = run_paths(cfg | {"run_dir": None}, ["seed=3", "method.fixed_ratios={32:0.4,40:0.5}"])
+    main2, ref2 = run_paths(RunConfig.from_dict(cfg | {"run_dir": None}), ["seed=3", "method.fixed_ratios={32:0.4,40:0.5}"])
     assert ref2 == ref and main2.parent == tmp_path / "res/runs/tiny/smoke/nova"
     assert "fixed_ratios" in main2.name and "seed=3" in main2.name
 

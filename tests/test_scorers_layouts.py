@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.datasets import Prompt, apply_rewrites, load_rewrites
-from eval.layouts import OFFICIAL_FORMAT, finalize, format_record, image_format, image_suffix, relpath, save_kwargs
+from varbench.bench.layouts import (
+    OFFICIAL_FORMAT,
+    finalize,
+    format_record,
+    image_format,
+    image_suffix,
+    relpath,
+    save_kwargs,
+)
+from varbench.bench.prompts import Prompt, apply_rewrites, load_rewrites
 from varbench.errors import UserError
 
 # libjpeg's (IJG) standard luminance quantisation table, natural order; cv2.imwrite and PIL both scale it by quality

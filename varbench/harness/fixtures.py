@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from baselines.fastvar import FastVAR, FastVARConfig
-from baselines.skipvar import SkipVAR, features
 from varbench.backbones.infinity.backbone import InfinityBackbone, Sampling
 from varbench.backbones.infinity.model import InfinityTransformer
 from varbench.backbones.infinity.schedules import rope_cos_sin, rope_positions, schedule_from_official
@@ -40,6 +38,7 @@ from varbench.errors import UserError
 from varbench.harness.checks import SCORE_RTOL, TOL, Check, _diff, format_checks  # noqa: F401
 from varbench.harness.fixtures_hart import check_hart_fixture
 from varbench.harness.fixtures_var import check_var_fixture, is_var_meta
+from varbench.harness.registry import method_class
 from varbench.hooks import Method
 from varbench.io import to_uint8
 from varbench.loop import generate
@@ -364,7 +363,8 @@ def method_from_meta(meta: dict):
     ratios = {int(m.group(2)): v["ratio"] for k, v in pr.items() if (m := re.match(r"s\d+\((\d+)x(\d+)\)", k))}
     cache_w = int(re.match(r"s\d+\((\d+)x(\d+)\)", pr["cache_scale"]).group(2))
     skip_w = sorted({meta["scale_schedule"][si][2] for si in meta.get("scales_skipped", [])})
-    return FastVAR(FastVARConfig(prune_ratios=ratios, skip_widths=skip_w, blocks=list(pr["blocks"]), cache_width=cache_w))
+    FastVAR = method_class("fastvar")
+    return FastVAR(FastVAR.Config(prune_ratios=ratios, skip_widths=skip_w, blocks=list(pr["blocks"]), cache_width=cache_w))
 
 
 def _forcing(method: Method | None, forced: dict, replay: bool, capture=()) -> Method | None:
@@ -503,6 +503,7 @@ def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
     t = _load_tensors(meta_path.parent / "tensors.safetensors")
     out: list[Check] = []
     tol_feat = 1e-5
+    SkipVAR = method_class("skipvar")
     m = SkipVAR()
     for p in meta["pairs"]:
         k = f"pair{p['pair']}_"
@@ -512,7 +513,7 @@ def check_skipvar_fixture(meta_path: str | Path) -> list[Check]:
                                                 _diff(small_new, t[k + "small_codes_new"])), TOL["codes"]))
         old, new = bb.preview_codes(t[k + "summed_codes_s08"], 4), bb.preview_codes(t[k + "summed_codes_s09"], 4)
         out.append(Check(k + "decoded", max(_diff(old, t[k + "decoded_old"]), _diff(new, t[k + "decoded_new"])), TOL["image"]))
-        x = list(features(old, new))
+        x = list(SkipVAR.features(old, new))
         out.append(Check(k + "features", max(abs(x[0] - p["diff_hf"]), abs(x[1] - p["hf_ratio"])), tol_feat))
         sk = m.skip_model.scores(x)
         out.append(Check(k + "skip_scores", max(abs(a - b) for a, b in zip(sk, p["skip_scores"])), 1e-3))

@@ -1,41 +1,82 @@
-"""Names -> classes and functions, imported lazily, from the tables that sit next to what they name:
+"""Names -> classes and functions, found through Python entry points (``importlib.metadata``), imported lazily.
 
-  backbone families  ``varbench/backbones/__init__.py``  BACKBONES
-  methods            ``nova/__init__.py`` and ``baselines/__init__.py``  METHODS   (plus ``none``: the base class)
-  metrics            ``eval/__init__.py``  METRICS
+  group                   what                                      our plug-ins declare them in (the one place to edit)
+  ``varbench.methods``    method family -> ``Method`` subclass      ``nova/__init__.py``, ``baselines/__init__.py`` METHODS
+  ``varbench.backbones``  backbone family -> builder                ``varbench/backbones/__init__.py`` BACKBONES
+  ``varbench.metrics``    metric -> ``run(bench, images, out, dev)`` ``eval/__init__.py`` METRICS
+  ``varbench.sources``    ``bench.source`` -> ``(bench) -> prompts`` ``eval/__init__.py`` PROMPT_SOURCES
+  ``varbench.configs``       a package whose folder holds Hydra groups (``method/<name>.yaml``, ...): added to the
+                          config search path (third-party plug-ins; ours live in ``conf/``)
+
+``pyproject.toml`` declares the entry points; ``python scripts/entry_points.py --write`` regenerates them from the
+tables and ``tests/test_entry_points.py`` fails when the two disagree. A third-party package adds a method with a
+class, a yaml and two entry points (``varbench.methods`` and ``varbench.configs``), nothing in this repository.
+The harness never imports a plug-in package by name: ``method=none`` (the core ``Method``) is the only built-in.
 
 Unknown names fail with one line and a suggestion (``UserError``), before anything heavy is loaded.
-``register_configs()`` stores every method's ``Config`` dataclass as the Hydra schema ``method/_<family>``, so the
-yamls in ``conf/method/`` only override defaults (one source of truth for defaults and types).
+``register_configs()`` stores every method's ``Config`` dataclass as the Hydra schema ``method/_<family>`` and
+``RunConfig`` as ``_run`` (the schema of ``conf/config.yaml``), so yamls only override defaults.
 """
 from __future__ import annotations
 
-import importlib
+import functools
 import inspect
 from dataclasses import fields
+from importlib import metadata, resources
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-import baselines
-import eval as metrics_pkg
-import nova
-from varbench.backbones import BACKBONES
 from varbench.errors import UserError, did_you_mean
+from varbench.harness.config import RunConfig
 from varbench.hooks import Method
+from varbench.resources import REPO
 
-METHODS = {"none": "varbench.hooks:Method", **nova.METHODS, **baselines.METHODS}
-METRICS = metrics_pkg.METRICS
+GROUPS = {"method": "varbench.methods", "backbone family": "varbench.backbones", "metric": "varbench.metrics",
+          "prompt source": "varbench.sources"}
+BUILTIN = {"varbench.methods": {"none": Method}}
 
 
-def _load(table: dict, kind: str, name: str):
-    if name not in table:
-        raise UserError(f"unknown {kind} {name!r}{did_you_mean(name, table)}; known: {', '.join(sorted(table))}")
-    mod, attr = table[name].split(":")
-    return getattr(importlib.import_module(mod), attr)
+@functools.cache
+def entry_points(group: str) -> dict[str, metadata.EntryPoint]:
+    """name -> entry point of one group, over every installed distribution."""
+    return {ep.name: ep for ep in metadata.entry_points(group=group)}
+
+
+def names(kind: str) -> list[str]:
+    group = GROUPS[kind]
+    return sorted(set(entry_points(group)) | set(BUILTIN.get(group, {})))
+
+
+def _declared_in_checkout(group: str, name: str) -> bool:
+    """Is ``name`` declared for ``group`` in this checkout's pyproject.toml (but not installed: stale metadata)?"""
+    toml = REPO / "pyproject.toml"
+    if not toml.is_file():
+        return False
+    text = toml.read_text()
+    head = f'[project.entry-points."{group}"]'
+    if head not in text:
+        return False
+    section = text.split(head, 1)[1].split("\n[", 1)[0]
+    return any(line.split("=", 1)[0].strip().strip('"') == name for line in section.splitlines() if "=" in line)
+
+
+def load(kind: str, name: str):
+    """The object named ``name`` in the group of ``kind`` (one line if unknown)."""
+    group = GROUPS[kind]
+    if name in BUILTIN.get(group, {}):
+        return BUILTIN[group][name]
+    eps = entry_points(group)
+    if name not in eps:
+        known = names(kind)
+        hint = (f"; it is declared in {REPO / 'pyproject.toml'} but not installed: run `pip install -e .` again"
+                if _declared_in_checkout(group, name) else "")
+        raise UserError(f"unknown {kind} {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}{hint}")
+    return eps[name].load()
 
 
 def method_class(family: str) -> type[Method]:
-    return _load(METHODS, "method", family)
+    return load("method", family)
 
 
 def build_method(mcfg: dict) -> Method:
@@ -57,11 +98,15 @@ def build_method(mcfg: dict) -> Method:
 
 
 def metric_fn(name: str):
-    return _load(METRICS, "metric", name)
+    return load("metric", name)
+
+
+def prompt_source(name: str):
+    return load("prompt source", name)
 
 
 def backbone_builder(family: str):
-    return _load(BACKBONES, "backbone family", family)
+    return load("backbone family", family)
 
 
 def build_backbone(model_cfg: dict, device: str, dtype: str, compile: bool = False):
@@ -81,8 +126,21 @@ def check_compile(model_cfg: dict) -> None:
                         f"{model_cfg.get('name')!r} is {family!r} (run it with compile=false)")
 
 
+def config_dirs() -> list[Path]:
+    """Folders of Hydra config groups contributed by installed plug-ins (``varbench.configs`` entry points)."""
+    out = []
+    for ep in entry_points("varbench.configs").values():
+        try:
+            out.append(Path(str(resources.files(ep.value))))
+        except (ModuleNotFoundError, TypeError) as e:
+            raise UserError(f"config entry point {ep.name!r} names {ep.value!r}, which cannot be imported ({e})") from None
+    return out
+
+
 def register_configs() -> None:
-    """Hydra schemas ``method/_<family>`` from each method's Config dataclass (idempotent)."""
+    """Hydra schemas: ``_run`` (RunConfig, the schema of config.yaml) and ``method/_<family>`` from each method's
+    Config dataclass (idempotent)."""
     cs = ConfigStore.instance()
-    for family in METHODS:
+    cs.store(name="_run", node=RunConfig)
+    for family in names("method"):
         cs.store(group="method", name=f"_{family}", node=method_class(family).Config)

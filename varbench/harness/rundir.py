@@ -133,13 +133,18 @@ class RunDir:
         except ValueError:
             return None
 
-    def open(self, ident: dict, extra: dict) -> None:
-        """Create the directory (or resume it after checking its identity), take this shard's lock, write meta."""
+    def check(self, ident: dict) -> dict | None:
+        """The existing meta (None for a new run) if it was made with identity ``ident``; one line otherwise."""
         old = self.read_meta()
         if old is not None and old.get("run_id") != run_id(ident):
             diffs = diff_keys(old.get("identity") or {}, ident)
             raise UserError(f"{self.path} was made with other settings ({'; '.join(diffs[:3]) or 'unknown'}); "
                             f"resuming would mix images: pass run_tag=<name> for a separate run, or delete the folder")
+        return old
+
+    def open(self, ident: dict, extra: dict) -> None:
+        """Create the directory (or resume it after checking its identity), take this shard's lock, write meta."""
+        old = self.check(ident)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except PermissionError:

@@ -1,46 +1,53 @@
-"""One run = (model, method, bench): generate images (resumable, shardable), the unpruned reference, scores, tables.
+"""One run = (model, method, bench), as named stages over a small ``Run`` object:
 
-    run(cfg, overrides)      the entry point of ``run.py`` / ``varbench`` (cfg: the resolved Hydra config as a dict)
+    run(cfg, overrides)      the entry point of ``run.py`` / ``varbench`` (cfg: a ``RunConfig``, or the composed
+                             config as a dict, which becomes one)
 
-Stages (``stage=generate|score|all``):
-  generate   this process's shard of the bench's items -> images + records (``varbench/harness/rundir.py``), and the
-             same items with ``method=none`` into the reference run (same prompts, seeds and settings)
-  score      once every shard is complete: speed/fidelity against the reference, the bench's quality metrics,
-             tidy rows in ``<results_root>/rows.jsonl``, one table. Never loads a model (FLOPs use the backbone spec
-             stored in ``meta.json``).
+    prepare     check the options, resolve device/dtype/threads and the shard, build the method, list the bench's
+                items, name the run and reference directories (nothing is written, no model is loaded)
+    generate    this process's shard of the items -> images + records (``varbench/harness/rundir.py``)
+    reference   the same items with ``method=none`` into the reference run (same prompts, seeds and settings)
+    score       once every shard is complete: speed/fidelity against the reference, the bench's quality metrics,
+                tidy rows in ``<results_root>/rows.jsonl``. Never loads a model (FLOPs use the backbone spec stored
+                in ``meta.json``)
+    report      the table of every run of this (model, bench), the W&B mirror
 
+``stage=generate`` runs prepare, generate, reference; ``stage=score`` prepare, score, report; ``stage=all`` all.
 Sharding: ``shard.index=K shard.count=N`` (or torchrun's RANK/WORLD_SIZE) gives worker K the items i with
 i % N == K; seeds depend on the item only, so images do not depend on N. Under torchrun, rank 0 scores after a
 barrier; with independent jobs (SLURM arrays) run ``stage=score`` once all shards are done.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from eval import store, tables
-from eval.datasets import load_prompts
-from eval.layouts import finalize, format_record, image_format, relpath, save_kwargs
-from eval.plots import contact_sheet
-from eval.speed import run_metrics
-from eval.wandb_log import mirror
 from varbench.backbones.base import BackboneSpec
+from varbench.bench.layouts import finalize, format_record, image_format, relpath, save_kwargs
+from varbench.bench.prompts import Prompt, apply_rewrites, inline_prompts
 from varbench.errors import UserError
-from varbench.harness.registry import build_backbone, build_method, method_class, metric_fn
+from varbench.harness.config import RunConfig, _int
+from varbench.harness.registry import build_backbone, build_method, method_class, metric_fn, prompt_source
 from varbench.harness.rundir import NON_IDENTITY, REPO, RunDir, Shard, device_name, git_sha, identity, run_id, versions
 from varbench.hooks import Method
 from varbench.io import image_ok, save_image, to_uint8, write_json
 from varbench.loop import generate
+from varbench.results import store, tables
+from varbench.results.plots import contact_sheet
+from varbench.results.speed import run_metrics
+from varbench.results.wandb_log import mirror
 
 TAG_EXCLUDE = set(NON_IDENTITY) | {"model", "method", "bench", "bench.limit", "bench.data_dir", "model.weights_dir",
                                    "model.trust_pickle", "threads_note"}
+REFERENCE = {"name": "none", "family": "none", "footnote": None}
 
 
 @dataclass
@@ -53,25 +60,6 @@ class Item:
 
 
 # ------------------------------------------------------------------ settings
-def _bool(cfg: dict, key: str) -> bool:
-    """A boolean option: true/false (YAML/CLI) or absent (false); anything else is a one-line error."""
-    value = cfg.get(key, False)
-    if value is None or isinstance(value, bool):
-        return bool(value)
-    raise UserError(f"{key} must be true or false, got {value!r}")
-
-
-def _int(cfg: dict, key: str, value, lo: int | None = None, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"-?\d+", str(value)):
-        raise UserError(f"{key} must be an integer{' or null' if allow_none else ''}, got {value!r}")
-    v = int(value)
-    if lo is not None and v < lo:
-        raise UserError(f"{key} must be >= {lo}{' (or null for all)' if allow_none else ''}, got {v}")
-    return v
-
-
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     device, dtype = str(device), str(dtype)
     if device == "auto":
@@ -92,27 +80,26 @@ def resolve_threads(threads, device: str) -> int | None:
     steadiest with 1; images also depend on the thread count, so a fixed default keeps them machine-independent)."""
     if torch.device(device).type != "cpu":
         return None
-    n = 1 if threads in (None, "auto") else _int({}, "threads", threads, lo=1)
+    n = 1 if threads in (None, "auto") else _int("threads", threads, lo=1)
     torch.set_num_threads(n)
     return n
 
 
-def resolve_shard(cfg: dict) -> Shard:
-    s = cfg.get("shard") or {}
-    count = s.get("count")
-    index = s.get("index")
+def resolve_shard(cfg: RunConfig) -> Shard:
+    """The configured shard, else torchrun's RANK/WORLD_SIZE, else the SLURM array index, else 0 of 1."""
+    count, index = cfg.shard.count, cfg.shard.index
     if count is None and "WORLD_SIZE" in os.environ:          # torchrun
         count, index = os.environ["WORLD_SIZE"], os.environ.get("RANK", "0")
     if index is None and os.environ.get("SLURM_ARRAY_TASK_ID") and count not in (None, 1, "1"):
         index = os.environ["SLURM_ARRAY_TASK_ID"]
-    count = _int(cfg, "shard.count", 1 if count is None else count, lo=1)
-    index = _int(cfg, "shard.index", 0 if index is None else index, lo=0)
+    count = _int("shard.count", 1 if count is None else count, lo=1)
+    index = _int("shard.index", 0 if index is None else index, lo=0)
     if index >= count:
         raise UserError(f"shard.index must be < shard.count ({count}), got {index}")
     return Shard(index, count)
 
 
-def tag_of(overrides: list[str], cfg: dict, drop_method: bool = False) -> str:
+def tag_of(overrides: list[str], cfg: RunConfig, drop_method: bool = False) -> str:
     """Run-directory leaf: the overrides that change images (sorted, as typed), or 'default'."""
     keep = []
     for o in overrides:
@@ -122,28 +109,48 @@ def tag_of(overrides: list[str], cfg: dict, drop_method: bool = False) -> str:
         if drop_method and (key == "method" or key.startswith("method.")):
             continue
         keep.append(o.lstrip("+~"))
-    if cfg.get("run_tag"):
-        keep.append(f"tag={cfg['run_tag']}")
+    if cfg.run_tag:
+        keep.append(f"tag={cfg.run_tag}")
     tag = ",".join(sorted(keep))
     tag = re.sub(r"[^A-Za-z0-9._=,+{}:\[\]-]", "_", tag)
     return (tag[:100] + "-" + run_id({"t": tag})[:8]) if len(tag) > 110 else (tag or "default")
 
 
-def run_paths(cfg: dict, overrides: list[str]) -> tuple[Path, Path]:
+def run_paths(cfg: RunConfig, overrides: list[str]) -> tuple[Path, Path]:
     """(run dir, reference dir). The reference always lives under results_root, named from this run's identity."""
-    root = Path(cfg["results_root"]).resolve()
-    m, b = cfg["model"]["name"], cfg["bench"]["name"]
-    main = Path(cfg["run_dir"]).resolve() if cfg.get("run_dir") else root / "runs" / m / b / cfg["method"]["name"] / tag_of(overrides, cfg)
+    root = Path(cfg.results_root).resolve()
+    m, b = cfg.model["name"], cfg.bench["name"]
+    main = Path(cfg.run_dir).resolve() if cfg.run_dir else root / "runs" / m / b / cfg.method["name"] / tag_of(overrides, cfg)
     ref = root / "runs" / m / b / "none" / tag_of(overrides, cfg, drop_method=True)
     return main, ref
 
 
 # ------------------------------------------------------------------ items
+def load_prompts(bench: dict) -> list[Prompt]:
+    """The prompt list of a bench config: its built-in ``prompts``, or its ``source`` (a ``varbench.sources``
+    plug-in), rewritten when ``bench.rewrite_prompts`` is on."""
+    if bench.get("prompts"):
+        prompts = inline_prompts(bench)
+    elif bench.get("source"):
+        prompts = prompt_source(str(bench["source"]))(bench)
+    else:
+        raise UserError(f"bench {bench.get('name')!r} has neither prompts nor a source")
+    return apply_rewrites(bench, prompts)
+
+
+def limited_prompts(bench: dict) -> list[Prompt]:
+    prompts = load_prompts(bench)
+    if not prompts:
+        raise UserError(f"bench {bench.get('name')!r} has no prompts")
+    limit = _int("bench.limit", bench.get("limit"), lo=1, allow_none=True)
+    return prompts[:limit] if limit else prompts
+
+
 def bench_items(bench: dict, base_seed: int, prompts=None) -> list[Item]:
     """Prompts x images_per_prompt in the bench's file layout; seed = base_seed + item index (independent of
     batching and sharding)."""
     prompts = prompts if prompts is not None else limited_prompts(bench)
-    n_per = _int({}, "bench.images_per_prompt", bench.get("images_per_prompt", 1), lo=1)
+    n_per = _int("bench.images_per_prompt", bench.get("images_per_prompt", 1), lo=1)
     layout, fmt = bench.get("layout", "flat"), image_format(bench)[0]
     items = []
     for p in prompts:
@@ -154,12 +161,9 @@ def bench_items(bench: dict, base_seed: int, prompts=None) -> list[Item]:
     return items
 
 
-def limited_prompts(bench: dict):
-    prompts = load_prompts(bench)
-    if not prompts:
-        raise UserError(f"bench {bench.get('name')!r} has no prompts")
-    limit = _int({}, "bench.limit", bench.get("limit"), lo=1, allow_none=True)
-    return prompts[:limit] if limit else prompts
+def missing_items(rd: RunDir, items: list[Item]) -> list[Item]:
+    recs = rd.records()
+    return [it for it in items if it.index not in recs or not image_ok(rd.images / it.relpath)]
 
 
 # ------------------------------------------------------------------ generation
@@ -213,13 +217,8 @@ def _finish_layout(bench: dict, rd: RunDir, prompts, items: list[Item]) -> None:
     contact_sheet([(rd.images / it.relpath, it.prompt) for it in items[::step]], rd.path / "samples.png")
 
 
-def missing_items(rd: RunDir, items: list[Item]) -> list[Item]:
-    recs = rd.records()
-    return [it for it in items if it.index not in recs or not image_ok(rd.images / it.relpath)]
-
-
 # ------------------------------------------------------------------ scoring
-def score_run(cfg: dict, rd: RunDir, items: list[Item], method_name: str, family: str, ref: RunDir | None) -> dict:
+def score_run(cfg: RunConfig, rd: RunDir, items: list[Item], method_name: str, family: str, ref: RunDir | None) -> dict:
     """Speed/fidelity against the reference, method metrics, bench metrics -> metrics.json, rows, plot."""
     missing = missing_items(rd, items)
     if missing:
@@ -235,10 +234,10 @@ def score_run(cfg: dict, rd: RunDir, items: list[Item], method_name: str, family
     ref_recs = None if ref is None else ref.records()
     if method_name == "none":  # the reference itself: speedup 1 by definition, no fidelity to itself
         ref_recs, ref = recs, None
-    root = Path(cfg["results_root"]).resolve()
-    note = build_method(cfg["method"]).footnote()
+    root = Path(cfg.results_root).resolve()
+    note = build_method(cfg.method).footnote()
     base = {"run": str(rd.path.relative_to(root)) if rd.path.is_relative_to(root) else str(rd.path),
-            "model": cfg["model"]["name"], "method": method_name, "family": family, "bench": cfg["bench"]["name"],
+            "model": cfg.model["name"], "method": method_name, "family": family, "bench": cfg.bench["name"],
             "overrides": rd.path.name, "git_sha": git_sha(), "run_id": meta.get("run_id"), "note": note,
             "device": meta.get("device_name")}
     metrics: dict = {}
@@ -251,34 +250,35 @@ def score_run(cfg: dict, rd: RunDir, items: list[Item], method_name: str, family
     save(run_metrics(recs, spec, ref_recs, rd.images, ref.images if ref else None))
     save(method_class(family).aggregate([r.get("method_summary") or {} for r in recs.values()]))
     method_class(family).report(list(recs.values()), rd.path,
-                                f"{cfg['model']['name']} / {method_name} / {cfg['bench']['name']}")
+                                f"{cfg.model['name']} / {method_name} / {cfg.bench['name']}")
     save(bench_metrics(cfg, rd.images, rd.path, len(recs)))   # after speed/fidelity are stored: a scorer error loses nothing
     return metrics
 
 
-def bench_metrics(cfg: dict, image_dir: Path, out_dir: Path, n: int | None) -> dict[str, tuple[float, int | None]]:
-    """The bench's quality metrics (``bench.metrics``: GenEval, ...), each from its scorer in ``eval/``."""
+def bench_metrics(cfg: RunConfig, image_dir: Path, out_dir: Path, n: int | None) -> dict[str, tuple[float, int | None]]:
+    """The bench's quality metrics (``bench.metrics``: GenEval, ...), each from its scorer (a ``varbench.metrics``
+    plug-in)."""
     out = {}
-    for name in cfg["bench"].get("metrics") or []:
-        values = metric_fn(name)(cfg["bench"], image_dir, out_dir, str(cfg.get("device", "cpu")))
+    for name in cfg.bench.get("metrics") or []:
+        values = metric_fn(name)(cfg.bench, image_dir, out_dir, str(cfg.device))
         out.update({k: (v, n) for k, v in values.items()})
     return out
 
 
-def score_external(cfg: dict, folder: Path) -> dict:
+def score_external(cfg: RunConfig, folder: Path) -> dict:
     """``stage=score score_dir=<folder>``: the bench's quality metrics on images made elsewhere (same layout).
     The folder is only read: scores go to ``<results_root>/external/<folder name>-<hash>/``."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise UserError(f"score_dir {folder} is not a folder")
     if not any(p.suffix.lower() in (".png", ".jpg", ".jpeg") for p in folder.rglob("*")):
-        raise UserError(f"score_dir {folder} holds no .png/.jpg images (expected the {cfg['bench']['name']} layout)")
-    root = Path(cfg["results_root"]).resolve()
+        raise UserError(f"score_dir {folder} holds no .png/.jpg images (expected the {cfg.bench['name']} layout)")
+    root = Path(cfg.results_root).resolve()
     out_dir = root / "external" / f"{folder.name}-{run_id({'f': str(folder)})[:8]}"
     out_dir.mkdir(parents=True, exist_ok=True)
     values = bench_metrics(cfg, folder, out_dir, None)
-    base = {"run": str(folder), "model": cfg.get("score_model") or "external", "method": cfg["method"]["name"],
-            "bench": cfg["bench"]["name"], "overrides": "default", "git_sha": git_sha()}
+    base = {"run": str(folder), "model": cfg.score_model or "external", "method": cfg.method["name"],
+            "bench": cfg.bench["name"], "overrides": "default", "git_sha": git_sha()}
     store.append_rows(root, [base | {"metric": k, "value": v, "n": n} for k, (v, n) in values.items()])
     write_json(out_dir / "metrics.json", {k: v for k, (v, _) in values.items()})
     print(f"[varbench] scores of {folder} -> {out_dir / 'metrics.json'}")
@@ -287,15 +287,46 @@ def score_external(cfg: dict, folder: Path) -> dict:
     return {"metrics": {k: v for k, (v, _) in values.items()}}
 
 
-def print_table(cfg: dict) -> str:
-    w = tables.wide(store.load(Path(cfg["results_root"])), cfg["model"]["name"], cfg["bench"]["name"])
-    quality = tables.quality_columns(w, list(cfg["bench"].get("metrics") or [])) if len(w) else []
+def print_table(cfg: RunConfig) -> str:
+    w = tables.wide(store.load(Path(cfg.results_root)), cfg.model["name"], cfg.bench["name"])
+    quality = tables.quality_columns(w, list(cfg.bench.get("metrics") or [])) if len(w) else []
     text = tables.markdown(w, quality=quality) if len(w) else "(no results yet)"
     print(text)
     return text
 
 
-# ------------------------------------------------------------------ the run
+# ------------------------------------------------------------------ the run and its stages
+@dataclass
+class Run:
+    """What the stages share: the config, what ``prepare`` resolved, and what the stages produced."""
+
+    cfg: RunConfig
+    overrides: list[str]
+    shard: Shard
+    device: str
+    dtype: str
+    threads: int | None
+    method: Method
+    family: str                  # the method's class name in the registry
+    prompts: list
+    items: list[Item]
+    rd: RunDir                   # this run (this process's shard)
+    ref: RunDir                  # the reference run (method=none), same shard
+    use_ref: bool
+    distributed: bool = False
+    backbone: object = None
+    extra: dict = field(default_factory=dict)     # meta.json fields beside the identity
+    counts: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def ref_cfg(self) -> RunConfig:
+        return dataclasses.replace(self.cfg, method=dict(REFERENCE))
+
+    def result(self) -> dict:
+        return {"run_dir": str(self.rd.path), "image_dir": str(self.rd.images), "metrics": self.metrics, **self.counts}
+
+
 def _dist_init(shard: Shard, device: str) -> bool:
     """Under torchrun: one process group so rank 0 can score after every rank finished generating."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
@@ -307,102 +338,125 @@ def _dist_init(shard: Shard, device: str) -> bool:
     return True
 
 
-def run(cfg: dict, overrides: list[str] | None = None) -> dict:
-    """Entry point used by ``run.py`` (``cfg`` is the resolved Hydra config as a plain dict). The CPU thread count
-    it sets is restored when it returns, so an in-process run leaves its caller's setting alone."""
+def prepare(cfg: RunConfig, overrides: list[str]) -> Run:
+    """Everything that can fail on a bad option, before anything is written or loaded."""
+    shard = resolve_shard(cfg)
+    if "LOCAL_RANK" in os.environ and cfg.device == "auto" and torch.cuda.is_available():
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    threads = resolve_threads(cfg.threads, device)
+    method = build_method(cfg.method)                 # fail fast on names and options
+    family = cfg.method.get("family") or cfg.method["name"]
+    fams, model_family = type(method).FAMILIES, cfg.model.get("family", "infinity")
+    if fams is not None and model_family not in fams:
+        raise UserError(f"method {method.name!r} supports backbone families {', '.join(fams)}, not "
+                        f"{model_family!r} (model={cfg.model['name']})")
+    prompts = limited_prompts(cfg.bench)
+    items = bench_items(cfg.bench, cfg.seed, prompts)
+    main_dir, ref_dir = run_paths(cfg, overrides)
+    return Run(cfg, overrides, shard, device, dtype, threads, method, family, prompts, items,
+               RunDir(main_dir, shard), RunDir(ref_dir, shard), method.name != "none" and cfg.reference,
+               counts={"generated": 0, "reused": len(items)})
+
+
+def generate_stage(r: Run) -> None:
+    """Load the model, open the run directory (identity checked, lock taken), generate this shard's missing items."""
+    cfg = r.cfg
+    r.backbone = build_backbone(cfg.model, r.device, r.dtype, compile=cfg.compile)
+    warn = r.method.check_schedule(r.backbone.scales())
+    if warn:
+        print(f"[varbench] warning: {warn}", file=sys.stderr)
+    r.extra = {"git_sha": git_sha(), "versions": versions(), "argv": sys.argv, "config": cfg.to_dict(),
+               "spec": r.backbone.spec.to_dict(), "device_name": device_name(r.device), "threads": r.threads,
+               "images": format_record(cfg.bench), "method_status": type(r.method).STATUS,
+               "footnote": r.method.footnote()}
+    if r.use_ref:   # a reference made with other settings stops the run now, not after its images
+        r.ref.check(identity(r.ref_cfg.to_dict(), r.device, r.dtype, r.threads))
+    r.rd.open(identity(cfg.to_dict(), r.device, r.dtype, r.threads), r.extra)
+    try:
+        _warmup(r.backbone, r.method, r.items, cfg.warmup)
+        r.counts = generate_items(r.backbone, r.method, r.items, r.rd, cfg.bench, cfg.batch_size, cfg.progress)
+        _finish_layout(cfg.bench, r.rd, r.prompts, r.items)
+    finally:
+        r.rd.unlock()
+    print(f"[varbench] images: {r.rd.images} (with prompts: {r.rd.path / 'samples.png'})")
+
+
+def reference_stage(r: Run) -> None:
+    """The same items with ``method=none`` into the shared reference run (generated once, reused by every method)."""
+    if r.use_ref:
+        ref_cfg = r.ref_cfg
+        r.ref.open(identity(ref_cfg.to_dict(), r.device, r.dtype, r.threads),
+                   r.extra | {"config": ref_cfg.to_dict(), "footnote": None, "method_status": Method.STATUS})
+        try:
+            rc = generate_items(r.backbone, Method(), r.items, r.ref, r.cfg.bench, r.cfg.batch_size, r.cfg.progress,
+                                "reference (method=none)")
+            _finish_layout(r.cfg.bench, r.ref, r.prompts, r.items)
+        finally:
+            r.ref.unlock()
+        print(f"[varbench] reference (method=none): {r.ref.path} ({rc['generated']} generated, {rc['reused']} reused)")
+    recs = r.rd.records()
+    times = [recs[i.index]["time_per_image_s"] for i in r.items if i.index in recs and r.shard.owns(i.index)]
+    print(f"[varbench] {len(times)} images in {r.rd.images} ({r.counts['generated']} generated, {r.counts['reused']} "
+          f"reused); mean time/image {sum(times) / max(1, len(times)):.3f}s on {r.device} ({r.dtype}"
+          f"{f', {r.threads} threads' if r.threads else ''})")
+
+
+def scoring_process(r: Run) -> bool:
+    """Whether this process scores: under torchrun rank 0 after a barrier; a shard of an array job (stage=all) leaves
+    scoring to a later ``stage=score``."""
+    if r.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        return dist.get_rank() == 0
+    if r.shard.count > 1 and r.cfg.stage == "all":
+        print(f"[varbench] shard {r.shard.index} of {r.shard.count} done; once every shard is, score with "
+              f"`stage=score` (same overrides, without shard.*)")
+        return False
+    return True
+
+
+def score_stage(r: Run) -> None:
+    """Score the reference (its own row) and the run, over every shard's records."""
+    full, full_ref = RunDir(r.rd.path, Shard(0, 1)), RunDir(r.ref.path, Shard(0, 1))
+    if not (r.rd.path / "meta.json").exists():
+        raise UserError(f"no run at {r.rd.path}: run stage=generate first")
+    if r.use_ref and (r.ref.path / "meta.json").exists():
+        score_run(r.ref_cfg, full_ref, r.items, "none", "none", None)
+    r.metrics = score_run(r.cfg, full, r.items, r.method.name, r.family, full_ref if r.use_ref else None)
+
+
+def report_stage(r: Run) -> None:
+    """The table of every run of this (model, bench); the W&B mirror when asked for."""
+    print_table(r.cfg)
+    if r.cfg.wandb:
+        mirror(r.cfg.to_dict(), r.rd.path, r.metrics)
+
+
+def run(cfg: RunConfig | dict, overrides: list[str] | None = None) -> dict:
+    """Entry point used by ``run.py``. The CPU thread count it sets is restored when it returns, so an in-process
+    run leaves its caller's setting alone."""
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
     before = torch.get_num_threads()
     try:
-        return _run(cfg, overrides)
+        return _run(cfg, list(overrides or []))
     finally:
         torch.set_num_threads(before)
 
 
-def _run(cfg: dict, overrides: list[str] | None = None) -> dict:
-    overrides = list(overrides or [])
-    stage = str(cfg.get("stage", "all"))
-    if stage not in ("generate", "score", "all"):
-        raise UserError(f"stage must be generate, score or all, got {stage!r}")
-    if cfg.get("score_dir"):                             # score a finished folder (ours or anyone's), no generation
-        return score_external(cfg, Path(cfg["score_dir"]))
-    shard = resolve_shard(cfg)
-    if "LOCAL_RANK" in os.environ and str(cfg.get("device", "auto")) == "auto" and torch.cuda.is_available():
-        cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
-    device, dtype = resolve_device(cfg.get("device", "auto"), cfg.get("dtype", "auto"))
-    threads = resolve_threads(cfg.get("threads", "auto"), device)
-    seed = _int(cfg, "seed", cfg.get("seed", 0), lo=0)
-    bs = _int(cfg, "batch_size", cfg.get("batch_size", 1), lo=1)
-    use_compile = _bool(cfg, "compile")
-    method = build_method(cfg["method"])                 # fail fast on names and options
-    family = cfg["method"].get("family") or cfg["method"]["name"]
-    fams = type(method).FAMILIES
-    model_family = cfg["model"].get("family", "infinity")
-    if fams is not None and model_family not in fams:
-        raise UserError(f"method {method.name!r} supports backbone families {', '.join(fams)}, not "
-                        f"{model_family!r} (model={cfg['model']['name']})")
-    prompts = limited_prompts(cfg["bench"])
-    items = bench_items(cfg["bench"], seed, prompts)
-    main_dir, ref_dir = run_paths(cfg, overrides)
-    rd, ref = RunDir(main_dir, shard), RunDir(ref_dir, shard)
-    use_ref = method.name != "none" and bool(cfg.get("reference", True))
-    distributed = _dist_init(shard, device)
-    counts = {"generated": 0, "reused": len(items)}
-    if stage in ("generate", "all"):
-        backbone = build_backbone(cfg["model"], device, dtype, compile=use_compile)
-        warn = method.check_schedule(backbone.scales())
-        if warn:
-            print(f"[varbench] warning: {warn}", file=sys.stderr)
-        ident = identity(cfg, device, dtype, threads)
-        extra = {"git_sha": git_sha(), "versions": versions(), "argv": sys.argv, "config": cfg,
-                 "spec": backbone.spec.to_dict(), "device_name": device_name(device), "threads": threads,
-                 "images": format_record(cfg["bench"]), "method_status": type(method).STATUS,
-                 "footnote": method.footnote()}
-        rd.open(ident, extra)
-        if use_ref:
-            ref_cfg = cfg | {"method": {"name": "none", "family": "none", "footnote": None}}
-            ref.open(identity(ref_cfg, device, dtype, threads), extra | {"config": ref_cfg, "footnote": None,
-                                                                         "method_status": Method.STATUS})
-        try:
-            _warmup(backbone, method, items, int(cfg.get("warmup", 1)))
-            counts = generate_items(backbone, method, items, rd, cfg["bench"], bs, bool(cfg.get("progress", True)))
-            _finish_layout(cfg["bench"], rd, prompts, items)
-            print(f"[varbench] images: {rd.images} (with prompts: {rd.path / 'samples.png'})")
-            if use_ref:
-                rc = generate_items(backbone, Method(), items, ref, cfg["bench"], bs, bool(cfg.get("progress", True)),
-                                    "reference (method=none)")
-                _finish_layout(cfg["bench"], ref, prompts, items)
-                print(f"[varbench] reference (method=none): {ref.path} ({rc['generated']} generated, "
-                      f"{rc['reused']} reused)")
-        finally:
-            rd.unlock()
-            ref.unlock()
-        recs = rd.records()
-        times = [recs[i.index]["time_per_image_s"] for i in items if i.index in recs and shard.owns(i.index)]
-        print(f"[varbench] {len(times)} images in {rd.images} ({counts['generated']} generated, {counts['reused']} "
-              f"reused); mean time/image {sum(times) / max(1, len(times)):.3f}s on {device} ({dtype}"
-              f"{f', {threads} threads' if threads else ''})")
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if dist.get_rank() != 0:
-            return {"run_dir": str(rd.path), "metrics": {}, **counts}
-    elif shard.count > 1 and stage == "all":
-        print(f"[varbench] shard {shard.index} of {shard.count} done; once every shard is, score with "
-              f"`stage=score` (same overrides, without shard.*)")
-        return {"run_dir": str(rd.path), "metrics": {}, **counts}
-    metrics = {}
-    if stage in ("score", "all"):
-        full = RunDir(main_dir, Shard(0, 1))
-        full_ref = RunDir(ref_dir, Shard(0, 1))
-        if not (main_dir / "meta.json").exists():
-            raise UserError(f"no run at {main_dir}: run stage=generate first")
-        if use_ref and (ref_dir / "meta.json").exists():
-            score_run(cfg | {"method": {"name": "none", "family": "none"}}, full_ref, items, "none", "none", None)
-        metrics = score_run(cfg, full, items, method.name, family, full_ref if use_ref else None)
-        print_table(cfg)
-        if cfg.get("wandb"):
-            mirror(cfg, main_dir, metrics)
-    return {"run_dir": str(main_dir), "image_dir": str(main_dir / "images"), "metrics": metrics, **counts}
+def _run(cfg: RunConfig, overrides: list[str]) -> dict:
+    if cfg.score_dir:                             # score a finished folder (ours or anyone's), no generation
+        return score_external(cfg, Path(cfg.score_dir))
+    r = prepare(cfg, overrides)
+    r.distributed = _dist_init(r.shard, r.device)
+    if cfg.stage in ("generate", "all"):
+        generate_stage(r)
+        reference_stage(r)
+    if cfg.stage in ("score", "all") and scoring_process(r):
+        score_stage(r)
+        report_stage(r)
+    return r.result()
 
 
-__all__ = ["run", "bench_items", "generate_items", "score_run", "resolve_device", "Item", "REPO"]
+__all__ = ["run", "Run", "bench_items", "generate_items", "score_run", "resolve_device", "Item", "REPO", "to_uint8"]

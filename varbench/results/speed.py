@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.fidelity import fidelity_per_image
+from varbench.results.fidelity import fidelity_per_image
 from varbench.backbones.base import BackboneSpec
 from varbench.flops import generation_flops
 
