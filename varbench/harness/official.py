@@ -197,7 +197,7 @@ def build_official(path, backbone, mcfg: dict) -> OfficialInfinity:
     root = check_checkout(path)
     sched = backbone.schedule
     if sched.rope_hw is not None or sched.template not in TEMPLATES:
-        raise UserError(f"--official needs an official schedule (model {mcfg.get('name')!r} uses a custom one); "
+        raise UserError(f"--official needs an official schedule (model {mcfg['name']!r} uses a custom one); "
                         f"use e.g. --model infinity_mid_random or tiny_random")
     standins = install_standins()
     if str(root) not in sys.path:

@@ -79,20 +79,32 @@ def method_class(family: str) -> type[Method]:
     return load("method", family)
 
 
-def build_method(mcfg: dict) -> Method:
-    """``mcfg``: the ``method`` config node as a dict; ``family`` picks the class (default: ``name``), the other
+def method_family(node: dict) -> str:
+    """The registry name of a method config node: its ``family``, or its ``name`` where the yaml is the family's."""
+    return str(node["family"] if node.get("family") else node["name"])
+
+
+def model_family(node: dict) -> str:
+    """The backbone family of a model config node (every ``conf/model/*.yaml`` names one)."""
+    if not node.get("family"):
+        raise UserError(f"model {node.get('name')!r} names no backbone family (add `family: <one of "
+                        f"{', '.join(names('backbone family'))}>` to its yaml)")
+    return str(node["family"])
+
+
+def build_method(node: dict) -> Method:
+    """``node``: the ``method`` config node as a dict; ``family`` picks the class (default: ``name``), the other
     keys are the fields of its ``Config`` dataclass (validated there, one-line errors)."""
-    mcfg = dict(mcfg)
-    family = str(mcfg.get("family") or mcfg["name"])
+    family = method_family(node)
+    node = dict(node, family=family)
     cls = method_class(family)
     known = {f.name for f in fields(cls.Config)}
-    unknown = sorted(set(mcfg) - known)
+    unknown = sorted(set(node) - known)
     if unknown:
         raise UserError(f"method {family!r} has no option {unknown[0]!r}{did_you_mean(unknown[0], known)}; "
                         f"options: {', '.join(sorted(known - {'name', 'family', 'footnote'}))}")
-    mcfg.setdefault("family", family)
     try:
-        return cls(cls.Config(**mcfg))
+        return cls(cls.Config(**node))
     except TypeError as e:
         raise UserError(f"bad options for method {family!r}: {e}") from None
 
@@ -109,21 +121,21 @@ def backbone_builder(family: str):
     return load("backbone family", family)
 
 
-def build_backbone(model_cfg: dict, device: str, dtype: str, compile: bool = False):
-    """The backbone of a model config; ``compile=True`` (opt-in ``torch.compile`` of the blocks) where the family's
-    builder offers it (a ``compile`` parameter: Infinity), else a one-line error."""
-    builder = backbone_builder(model_cfg.get("family", "infinity"))
+def build_backbone(model: dict, device: str, dtype: str, compile: bool = False):
+    """The backbone of a model config node; ``compile=True`` (opt-in ``torch.compile`` of the blocks) where the
+    family's builder offers it (a ``compile`` parameter: Infinity), else a one-line error."""
+    builder = backbone_builder(model_family(model))
     if compile:
-        check_compile(model_cfg)
-    return builder(model_cfg, device=device, dtype=dtype, **({"compile": True} if compile else {}))
+        check_compile(model)
+    return builder(model, device=device, dtype=dtype, **({"compile": True} if compile else {}))
 
 
-def check_compile(model_cfg: dict) -> None:
+def check_compile(model: dict) -> None:
     """One line unless the model's backbone builder takes ``compile`` (Infinity; not HART)."""
-    family = model_cfg.get("family", "infinity")
+    family = model_family(model)
     if "compile" not in inspect.signature(backbone_builder(family)).parameters:
         raise UserError(f"compile=true is implemented for Infinity backbones; model "
-                        f"{model_cfg.get('name')!r} is {family!r} (run it with compile=false)")
+                        f"{model['name']!r} is {family!r} (run it with compile=false)")
 
 
 def config_dirs() -> list[Path]:

@@ -35,7 +35,15 @@ from varbench.bench.layouts import finalize, format_record, image_format, relpat
 from varbench.bench.prompts import Prompt, apply_rewrites, inline_prompts
 from varbench.errors import UserError
 from varbench.harness.config import RunConfig, _int
-from varbench.harness.registry import build_backbone, build_method, method_class, metric_fn, prompt_source
+from varbench.harness.registry import (
+    build_backbone,
+    build_method,
+    method_class,
+    method_family,
+    metric_fn,
+    model_family,
+    prompt_source,
+)
 from varbench.harness.rundir import NON_IDENTITY, REPO, RunDir, Shard, device_name, git_sha, identity, run_id, versions
 from varbench.hooks import Method
 from varbench.io import image_ok, save_image, to_uint8, write_json
@@ -346,11 +354,10 @@ def prepare(cfg: RunConfig, overrides: list[str]) -> Run:
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     threads = resolve_threads(cfg.threads, device)
     method = build_method(cfg.method)                 # fail fast on names and options
-    family = cfg.method.get("family") or cfg.method["name"]
-    fams, model_family = type(method).FAMILIES, cfg.model.get("family", "infinity")
-    if fams is not None and model_family not in fams:
+    family, fams, backbone_family = method_family(cfg.method), type(method).FAMILIES, model_family(cfg.model)
+    if fams is not None and backbone_family not in fams:
         raise UserError(f"method {method.name!r} supports backbone families {', '.join(fams)}, not "
-                        f"{model_family!r} (model={cfg.model['name']})")
+                        f"{backbone_family!r} (model={cfg.model['name']})")
     prompts = limited_prompts(cfg.bench)
     items = bench_items(cfg.bench, cfg.seed, prompts)
     main_dir, ref_dir = run_paths(cfg, overrides)
