@@ -11,6 +11,6 @@ setup(
                   "varbench.conf.bench": ["*.yaml"], "varbench.conf.experiment": ["*.yaml"],
                   "varbench.conf.hydra.launcher": ["*.yaml"], "varbench.paper": ["*.csv", "*.md"],
                   "varbench.backbones.infinity": ["weights/*/*.safetensors", "weights/*/*.json", "weights/*/*.md"],
-                  "baselines": ["data/*.json"]},
+                  "baselines": ["data/*.json"], "varbench.report": ["templates/*.html", "templates/*.css"]},
     include_package_data=False,
 )
