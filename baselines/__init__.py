@@ -4,6 +4,7 @@ METHODS = {  # method family -> "module:Class" (imported lazily by varbench.harn
     "skipvar": "baselines.skipvar:SkipVAR",
     "sparsevar": "baselines.sparsevar:SparseVAR",
     "sparsevar_lvar": "baselines.sparsevar_lvar:SparseVARLvar",
+    "scalekv": "baselines.scalekv:ScaleKV",
     "sparvar": "baselines.sparvar:SparVAR",
     "toprovar": "baselines.toprovar:ToProVAR",
 }

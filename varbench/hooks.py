@@ -9,6 +9,7 @@ A method (NOVA, FastVAR, ...) subclasses :class:`Method` and overrides only the 
         select(lctx, x)                      -> Selection of tokens to compute, or None (all tokens)
         restore(lctx, x_in, y_kept, sel)     -> full output of the unit (default: others keep their input)
         after_layer(lctx, x_in, x_out)       once per block
+        compress_kv(lctx, kv)                -> KVEdit: what this layer's self-attention cache keeps, or None (all)
     after_logits(sctx, cond, uncond, guided) -> replacement guided logits, or None
     code_mask(sctx)                          -> [B, n] bool: tokens whose sampled codes are set to 0, or None
     after_scale(sctx, state)
@@ -19,6 +20,10 @@ turns such logits into (cond, uncond, guided) exactly as the sampler's input is 
 ``lctx.lens_entropy(h, mix)``, where a backbone offers it (Infinity), is the entropy of those logits computed with the
 head folded (``mix="guided"``: of the guided logits; ``"rows"``: of each row's logits / temperature): same values up
 to float rounding, a fraction of the cost.
+``compress_kv`` runs after the block, i.e. after this scale's keys/values were appended to the layer's cache and
+attended (ScaleKV compresses there: Lvar ``scale_kv.py``, the patched forward runs the original attention first); the
+edit shapes what later scales attend, the FLOP count (``kv_len`` of later scales) and the KV bytes recorded. The
+loop calls it only for methods whose ``uses_kv_hook()`` is true (default: ``compress_kv`` is overridden).
 Methods never receive the backbone: ``sctx.spec`` and ``sctx.schedule`` describe it, ``sctx.preview`` decodes a
 state (the state object passed to ``after_scale`` is opaque to methods).
 
@@ -71,6 +76,43 @@ class ScaleCtx:
     def n(self) -> int:
         """Tokens fed to the blocks at this scale."""
         return self.schedule[self.si].n if self.schedule else self.hw[0] * self.hw[1]
+
+
+@dataclass
+class KVState:
+    """One layer's self-attention cache as ``compress_kv`` sees it: right after scale ``si`` appended ``new`` keys
+    (the last ``new`` positions of ``k``/``v``) and its queries attended them."""
+
+    k: torch.Tensor                    # [rows, H, L, c] cached keys (as the backbone caches them: normed, RoPE'd)
+    v: torch.Tensor                    # [rows, H, L, c]
+    q: torch.Tensor | None             # [rows, H, K, c] this scale's queries as the attention kernel received them
+    new: int                           # keys this scale appended (K computed tokens)
+    new_pos: torch.Tensor | None = None  # [rows|1, K] grid index (0..h*w-1) of each appended key; None: 0..K-1
+    segments: tuple[int, ...] = ()     # keys each scale appended (scale order, this scale last; before any edit)
+    attn_scale: float | None = None    # the scale the kernel multiplied q·k by (logits = attn_scale · q·kᵀ)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+@dataclass
+class KVEdit:
+    """What a layer's cache keeps: ``keep_idx`` [rows|1, H|1, L'] int64 positions into the cache (per row and
+    head; the loop gathers keys and values with them), or replacement tensors ``k``/``v`` [rows, H, L', c] (pooled)."""
+
+    keep_idx: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    def apply(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keep_idx is None:
+            if self.k is None or self.v is None:
+                raise ValueError("KVEdit needs keep_idx or both replacement tensors k and v")
+            return self.k, self.v
+        idx = self.keep_idx.to(k.device)
+        idx = idx.expand(k.shape[0], k.shape[1], -1)[..., None].expand(-1, -1, -1, k.shape[3])
+        return k.gather(2, idx), v.gather(2, idx)
 
 
 @dataclass
@@ -134,6 +176,14 @@ class Method:
 
     def after_layer(self, lctx: LayerCtx, x_in_BLC: torch.Tensor, x_out_BLC: torch.Tensor) -> None:
         pass
+
+    def compress_kv(self, lctx: LayerCtx, kv: KVState) -> KVEdit | None:
+        """After the block: which of this layer's cached keys/values later scales keep (None: all)."""
+        return None
+
+    def uses_kv_hook(self) -> bool:
+        """Does the loop call ``compress_kv`` (and hand it this scale's queries)? Default: the hook is overridden."""
+        return type(self).compress_kv is not Method.compress_kv
 
     def after_logits(self, sctx: ScaleCtx, logits_cond, logits_uncond, logits_guided):
         return None

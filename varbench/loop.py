@@ -13,9 +13,18 @@ import torch
 
 from varbench.attention import sdpa_attention
 from varbench.backbones.base import Backbone, Condition, ScaleInfo
-from varbench.hooks import LayerCtx, Method, ScaleCtx
+from varbench.hooks import KVState, LayerCtx, Method, ScaleCtx
 from varbench.profiling import prange
-from varbench.records import GenRecord, Stopwatch, peak_memory_bytes, reset_peak_memory
+from varbench.records import (
+    GenRecord,
+    MemoryTracker,
+    Stopwatch,
+    kv_bytes,
+    peak_memory_bytes,
+    reset_peak_memory,
+    rss_peak_bytes,
+    tensor_bytes,
+)
 
 
 @dataclass
@@ -26,10 +35,20 @@ class GenOutput:
     method_summary: dict
 
 
+def _replace_kv(kv: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Put an edited cache in place (``replace`` where the cache class offers one, else its ``k``/``v``)."""
+    if hasattr(kv, "replace"):
+        kv.replace(k, v)
+    else:
+        kv.k, kv.v = k, v
+
+
 def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos: Any, cond: Any, kv: Any,
                segs: list[int], scale: Any, sctx: ScaleCtx, rec_tokens: list[float],
-               rec_keys: list[float]) -> torch.Tensor:
-    """One block: token selection and restoration per unit (the whole block, or each branch)."""
+               rec_keys: list[float], rec_kv: list[list] | None = None,
+               mem: MemoryTracker | None = None) -> torch.Tensor:
+    """One block: token selection and restoration per unit (the whole block, or each branch); then the method's
+    ``compress_kv`` on the layer's cache. ``rec_kv``: [attended, kept, bytes] lists this layer appends to."""
     units = [backbone.spec.branches] if method.granularity == "block" else [(b,) for b in backbone.spec.branches]
     kv_before = kv.length
     lctx = LayerCtx(sctx, li, kv_len=kv_before, kv_segments=tuple(segs),
@@ -39,6 +58,13 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
                     if hasattr(backbone, "lens_entropy") else None)
     with prange("vb.method.attention"):
         attn_fn = method.attention(lctx) or sdpa_attention
+    kv_hook, held, new_pos = method.uses_kv_hook(), {}, None
+    if kv_hook:   # hand this scale's queries (as the kernel receives them) to compress_kv
+        kernel = attn_fn
+
+        def attn_fn(q, k, v, *, scale, mask=None, ctx=None):
+            held["q"], held["scale"] = q, scale
+            return kernel(q, k, v, scale=scale, mask=mask, ctx=ctx)
     x_block_in, counts = x, []
     for unit in units:
         lctx.branch = None if method.granularity == "block" else unit[0]
@@ -50,9 +76,12 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
             with prange("vb.method.gather"):
                 xk, pk = sel.gather(x), backbone.gather_positions(pos, sel)
         if xk.shape[1] > 0:  # K = 0: the unit is bypassed (no compute, no K/V); restore fills every token
+            unit_kv = kv.length
             for name in unit:
                 with prange("vb.block." + name):
                     xk = xk + backbone.branch(li, name, xk, pk, cond, kv, attn_fn, lctx)
+            if kv.length != unit_kv and sel is not None:
+                new_pos = sel.keep_idx
         if sel is None:
             x = xk
         else:
@@ -64,9 +93,24 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
         x = backbone.after_block(li, x, cond, scale)
     with prange("vb.method.after_layer"):
         method.after_layer(lctx, x_block_in, x)
-    segs.append(kv.length - kv_before)
+    attended = kv.length
+    segs.append(attended - kv_before)
     rec_tokens.append(sum(counts) / len(counts))
-    rec_keys.append(lctx.attn_keys if lctx.attn_keys is not None else float(kv.length))
+    rec_keys.append(lctx.attn_keys if lctx.attn_keys is not None else float(attended))
+    if mem is not None:
+        mem.observe(li, kv_bytes(kv), x, x_block_in)
+    if kv_hook and kv.k is not None:
+        with prange("vb.method.compress_kv"):
+            edit = method.compress_kv(lctx, KVState(kv.k, kv.v, held.get("q"), attended - kv_before, new_pos,
+                                                    tuple(segs), held.get("scale")))
+        if edit is not None:
+            _replace_kv(kv, *edit.apply(kv.k, kv.v))
+    if mem is not None:
+        mem.kv[li] = kv_bytes(kv)
+    if rec_kv is not None:
+        rec_kv[0].append(attended)
+        rec_kv[1].append(kv.length)
+        rec_kv[2].append(kv_bytes(kv))
     return x
 
 
@@ -86,6 +130,11 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
         rec.text_len = backbone.text_lengths(cond)
         state = backbone.init_state(cond)
         kvs = [backbone.new_kv_cache() for _ in range(spec.depth)]
+        if method.uses_kv_hook():   # a cache preallocated for the whole schedule would hold what compression drops
+            for kv in kvs:
+                if getattr(kv, "capacity", 0):
+                    kv.capacity = 0
+        mem = MemoryTracker(spec.depth)
         segs: list[list[int]] = [[] for _ in range(spec.depth)]
         scales = backbone.scales()
         schedule = tuple(ScaleInfo.of(s) for s in scales)
@@ -103,6 +152,8 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
                 rec.skipped_scales.append(info.si)
                 rec.tokens.append([0.0] * spec.depth)
                 rec.kv_len.append([kv.length for kv in kvs])
+                rec.kv_kept.append([kv.length for kv in kvs])
+                rec.kv_bytes.append(list(mem.kv))
                 rec.attn_keys.append([0.0] * spec.depth)
                 for s in segs:
                     s.append(0)
@@ -118,14 +169,19 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
             with prange("vb.sample.input"):
                 x = backbone.scale_input(state, cond, scale)
                 pos = backbone.positions(cond, scale)
-            tokens, keys = [], []
+            tokens, keys, kvrec = [], [], ([], [], [])
+            mem.held = tensor_bytes(cond, state)
             for li in range(spec.depth):
-                x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], segs[li], scale, sctx, tokens, keys)
+                x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], segs[li], scale, sctx, tokens, keys,
+                               kvrec, mem)
             rec.tokens.append(tokens)
             rec.attn_keys.append(keys)
-            rec.kv_len.append([kv.length for kv in kvs])
+            rec.kv_len.append(kvrec[0])     # keys each layer attended at this scale (FLOPs), before compression
+            rec.kv_kept.append(kvrec[1])
+            rec.kv_bytes.append(kvrec[2])
             with prange("vb.head"):
                 logits = backbone.head(x, cond, scale)
+            mem.observe(None, None, x, logits)
             with prange("vb.sample.guide"):
                 l_cond, l_uncond, guided = backbone.guide(logits, cond, scale)
             with prange("vb.method.after_logits"):
@@ -142,5 +198,9 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
         images = backbone.decode(state)
         rec.decode_time_s = watch.lap()
     rec.total_time_s = total.lap()
-    rec.peak_memory_bytes, rec.peak_memory_kind = peak_memory_bytes(dev)
+    rec.kv_peak_bytes, rec.loop_peak_bytes, rec.rss_peak_bytes = mem.kv_peak, mem.loop_peak, rss_peak_bytes()
+    if torch.device(dev).type == "cuda":
+        rec.peak_memory_bytes, rec.peak_memory_kind = peak_memory_bytes(dev)
+    else:
+        rec.peak_memory_bytes, rec.peak_memory_kind = mem.loop_peak, "cpu_loop_tensors"
     return GenOutput(images.float(), state, rec, method.summary())
