@@ -13,7 +13,8 @@ Walk-through: ``shared/specs/lvar_sparsevar_scalekv.md``. Per scale ``si`` (Lvar
   * ``lf_anchor`` (:551-607) at ``si >= start_prune_stage`` on the previous scale's MSE and guided logits: both
     nearest-upsampled to this grid (:564-571); high-frequency tokens = the last ``int(N·N·r)`` of an ascending sort of
     the metric (:576); anchors every ``local_window_size`` rows/columns (:95-109); every token's best anchor = the
-    most cosine-similar (upsampled logits as features) of its 4 nearest anchors (:41-78); kept = high-frequency tokens
+    most cosine-similar (upsampled logits as features) of 4 candidate anchors (:41-78: meant its 4 nearest; as
+    written the first 4 of the list, ``quirk_corner_gather``); kept = high-frequency tokens
     (+ anchors, :594-597); low-frequency tokens = the rest (:600); recoverable if best similarity > beta (:603-604).
   * the kept tokens run through every block (:731-747; RoPE gathered, K/V of kept tokens only), the others keep the
     chunk-0 input; after the last block recoverable tokens copy their anchor's row (:772-779); the head runs on the
@@ -34,6 +35,10 @@ Quirks of that code, each an option, on by default (``False`` = what the line ev
     there. Off: per-token zeroing per image for any batch.
   * ``quirk_zero_k_keeps_all`` (:576): ``[:, -int(N·N·r):]`` with ``int(...) == 0`` keeps every token (only when the
     MSE map is all zero). Off: keep none of the top-k (anchors may still be merged).
+  * ``quirk_corner_gather`` (:56-57; not in the spec's walk-through, found by running the function): the 4 nearest
+    anchors are sorted out (:55) but gathered along dim 1, the position axis of ``anchor_indices`` expanded over
+    positions, so every token's candidates are the first 4 anchors of the list — (0, 0), (0, s), (0, 2s), (0, 3s) —
+    not its nearest; recovery copies rows from the top of the grid. Off: the 4 nearest anchors.
 
 Mapping to our loop (GUESSes are marked): ``select`` at block 0 decides once per scale and returns the same
 ``Selection`` to every block (the loop gathers/scatters per block; pruned tokens keep their input, which equals
@@ -75,6 +80,7 @@ class SparseVARLvarConfig(MethodConfig):
     quirk_anchor_mod: bool = True            # :100
     quirk_codes_view: bool = True            # :818
     quirk_zero_k_keeps_all: bool = True      # :576
+    quirk_corner_gather: bool = True         # :56-57
 
     def __post_init__(self):
         if int(self.start_prune_stage) < 1:
@@ -118,19 +124,26 @@ def anchor_points(hw: tuple[int, int], stride: int, quirk_mod: bool) -> torch.Te
     return torch.stack([r[:, None].expand(-1, len(c)).reshape(-1), c[None, :].expand(len(r), -1).reshape(-1)], -1)
 
 
-def best_anchors(feat_BHWC: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every token's 4 nearest anchors (squared distance, :50-55) and the most cosine-similar of them (:66-76).
+def best_anchors(feat_BHWC: torch.Tensor, anchors: torch.Tensor, quirk_gather: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token's candidate anchors and the most cosine-similar of them (:41-78).
 
-    Returns (best anchor's flat index [B, T], similarities [B, T, 4]). The distance sort runs on the same [B, A, T]
-    int64 tensor as Lvar's (torch's sort is not stable: equal distances are ordered as that op orders them)."""
+    Meant: the token's 4 nearest anchors (squared distance, :50-55; the sort runs on the same [B, A, T] int64 tensor
+    as Lvar's, torch's sort is not stable: equal distances are ordered as that op orders them). ``quirk_gather``
+    (:56-57): the candidate positions are gathered along dim 1 — the position axis of the anchors expanded over
+    positions — so the distance order is lost and every token's candidates are the FIRST 4 anchors of the list
+    (row 0: columns 0, s, 2s, 3s). Returns (best anchor's flat index [B, T], similarities [B, T, 4])."""
     B, H, W, _ = feat_BHWC.shape
     dev = feat_BHWC.device
     pos = torch.arange(H * W, device=dev)[None].expand(B, -1)
     i, j = pos // W, pos % W
     a = anchors.to(dev)[None].expand(B, -1, -1)                                     # [B, A, 2]
     dist = (i[:, None, :] - a[..., 0, None]) ** 2 + (j[:, None, :] - a[..., 1, None]) ** 2   # [B, A, T]
-    near = dist.sort(1)[1][:, :4].permute(0, 2, 1)                                  # [B, T, 4] anchor ids
-    cand = torch.gather(a[:, None].expand(-1, H * W, -1, -1), 2, near[..., None].expand(-1, -1, -1, 2))  # [B,T,4,2]
+    if quirk_gather:   # out[b, t, k] = a[b, k]: the index only picks among identical expanded rows
+        cand = a[:, None, :4].expand(-1, H * W, -1, -1)                            # [B, T, 4, 2]
+    else:
+        near = dist.sort(1)[1][:, :4].permute(0, 2, 1)                              # [B, T, 4] anchor ids
+        cand = torch.gather(a[:, None].expand(-1, H * W, -1, -1), 2, near[..., None].expand(-1, -1, -1, 2))
     b = torch.arange(B, device=dev)[:, None, None]
     corner = feat_BHWC[b, cand[..., 0], cand[..., 1]]                              # [B, T, 4, C]
     own = feat_BHWC[torch.arange(B, device=dev)[:, None], i, j]                    # [B, T, C]
@@ -208,7 +221,7 @@ class SparseVARLvar(Method):
         order = metric.sort(1)[1]
         keep = order[:, -k:] if (k > 0 or c.quirk_zero_k_keeps_all) else order[:, :0]
         anchors = anchor_points(hw, c.local_window_size, c.quirk_anchor_mod)
-        best, sims = best_anchors(feat, anchors)
+        best, sims = best_anchors(feat, anchors, c.quirk_corner_gather)
         if B > 1 or not c.quirk_b1_no_anchor_merge:
             flat = (anchors[:, 0] * W + anchors[:, 1]).to(keep.device)
             both = torch.cat([flat[None].expand(B, -1), keep], 1)

@@ -215,16 +215,18 @@ def nearest4_candidates(p: int, N: int, anchors: list[tuple[int, int]]):
     return strict, tied, min(4, len(d)) - len(strict)
 
 
+@pytest.mark.parametrize("gather_quirk", [True, False])
 @pytest.mark.parametrize("permute_quirk", [True, False])
 @pytest.mark.parametrize("beta_quirk", [True, False])
-def test_anchor_recovery(permute_quirk, beta_quirk):
+def test_anchor_recovery(permute_quirk, beta_quirk, gather_quirk):
     g = torch.Generator().manual_seed(11)
     n, N, V = 4, 8, 6
     rows = torch.rand(2, n * n, generator=g)
     # logits: a few distinct prototypes plus noise, so that some similarities pass 0.8 and/or 0.99
     proto = torch.randn(6, V, generator=g)
     logits = (proto[torch.randint(0, 6, (n * n,), generator=g)] + 0.05 * torch.randn(n * n, V, generator=g))[None]
-    m = SparseVARLvar(SparseVARLvarConfig(quirk_logits_no_permute=permute_quirk, quirk_beta_not_passed=beta_quirk))
+    m = SparseVARLvar(SparseVARLvarConfig(quirk_logits_no_permute=permute_quirk, quirk_beta_not_passed=beta_quirk,
+                                          quirk_corner_gather=gather_quirk))
     drive_prev_scale(m, 9, n, rows, logits)
     x_in = torch.randn(2, N * N, SPEC.embed_dim, generator=g)
     sc, sel = decide(m, 10, N, x=x_in)
@@ -250,14 +252,18 @@ def test_anchor_recovery(permute_quirk, beta_quirk):
         if p in kept:
             assert torch.equal(out[:, p], y[:, kept.index(p)]) and not mask[p]
             continue
-        strict, tied, take = nearest4_candidates(p, N, anchors)
-        sims = {i: cos(feat[p], feat[anchors[i][0] * N + anchors[i][1]]) for i in strict + tied}
-        best_strict = max((sims[i] for i in strict), default=-2.0)
-        # the chosen anchor: a best among the 4 chosen (strict ∪ `take` of the tied)
-        cands = [i for i in strict + tied if sims[i] >= best_strict - 1e-6]
-        if len(tied) == take:   # no ambiguity: exactly the first argmax in Lvar's order is not needed, value is
-            best_sim = max(sims.values())
-            cands = [i for i in cands if sims[i] >= best_sim - 1e-6]
+        if gather_quirk:   # :56-57 as written: the first 4 anchors of the list for every token
+            sims = {i: cos(feat[p], feat[anchors[i][0] * N + anchors[i][1]]) for i in range(4)}
+            cands = [i for i in sims if sims[i] >= max(sims.values()) - 1e-6]
+        else:              # meant: the 4 nearest (any choice inside a distance tie at the 4th place)
+            strict, tied, take = nearest4_candidates(p, N, anchors)
+            sims = {i: cos(feat[p], feat[anchors[i][0] * N + anchors[i][1]]) for i in strict + tied}
+            best_strict = max((sims[i] for i in strict), default=-2.0)
+            # the chosen anchor: a best among the 4 chosen (strict ∪ `take` of the tied)
+            cands = [i for i in strict + tied if sims[i] >= best_strict - 1e-6]
+            if len(tied) == take:   # no ambiguity: the best similarity among the 4 is known
+                best_sim = max(sims.values())
+                cands = [i for i in cands if sims[i] >= best_sim - 1e-6]
         cand_pos = {anchors[i][0] * N + anchors[i][1] for i in cands}
         matches = [q for q in cand_pos if torch.equal(out[:, p], full[:, q])]
         if torch.equal(out[:, p], full[:, p]) and not any(torch.equal(full[:, p], full[:, q]) for q in cand_pos):
@@ -308,6 +314,18 @@ def _run(bb, m, seed=0, prompts=("two green circles",)):
     return generate(bb, list(prompts), m, [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))])
 
 
+_CACHE: dict = {}
+
+
+def _run_cfg(bb, **opts):
+    """Images of SparseVARLvar(**opts) on ``bb`` (seed 0), computed once per option set (the machine is shared)."""
+    cfg = None if opts.get("method") == "none" else SparseVARLvarConfig(**opts)
+    key = (id(bb), None if cfg is None else tuple(sorted(vars(cfg).items())))
+    if key not in _CACHE:
+        _CACHE[key] = _run(bb, Method() if cfg is None else SparseVARLvar(cfg)).images
+    return _CACHE[key]
+
+
 @pytest.mark.parametrize("start", [9, 10, 11])
 def test_start_stage(tiny, start):
     S = len(tiny.scales())
@@ -330,11 +348,12 @@ def test_short_schedule_is_unchanged_and_warned(tiny_backbone):
     assert torch.equal(a.images, b.images)
 
 
-def lvar_reference(bb, prompt, seed, start=10, thr=0.6, window=4, beta=0.8, chunk=(1, 1)):
+def lvar_reference(bb, prompt, seed, start=10, thr=0.6, window=4, beta=0.8, chunk=(1, 1), nearest=False):
     """Lvar's scale loop (:707-831) on our backbone's parts, batch 1: the kept rows gathered once after the level
     embedding and run through every block; the chunk's MSE on the full map with the chunk-0 input elsewhere; after
     the last block the outputs scattered into the chunk-0 input and recoverable rows copied from their anchor; the
-    codes of the others zeroed. Quirks as the code runs (no permute, N-1 anchor always, no anchor merge at B = 1)."""
+    codes of the others zeroed. Quirks as the code runs (no permute, N-1 anchor always, no anchor merge at B = 1,
+    candidates = the first 4 anchors; ``nearest``: the 4 nearest instead)."""
     rng = torch.Generator().manual_seed(seed)
     D, scales = bb.spec.depth, bb.scales()
     schedule = tuple(ScaleInfo.of(s) for s in scales)
@@ -358,9 +377,12 @@ def lvar_reference(bb, prompt, seed, start=10, thr=0.6, window=4, beta=0.8, chun
                 coords = list(range(0, N, window)) + [N - 1]                         # :100 (window % N != 0)
                 anchors = torch.tensor([(r, c) for r in coords for c in coords])
                 T = torch.arange(N * N)
-                dist = ((T // N)[None, None, :] - anchors[None, :, 0, None]) ** 2 + \
-                       ((T % N)[None, None, :] - anchors[None, :, 1, None]) ** 2    # [1, A, T]
-                four = dist.sort(1)[1][0, :4].T                                     # [T, 4] (:55)
+                if nearest:
+                    dist = ((T // N)[None, None, :] - anchors[None, :, 0, None]) ** 2 + \
+                           ((T % N)[None, None, :] - anchors[None, :, 1, None]) ** 2    # [1, A, T]
+                    four = dist.sort(1)[1][0, :4].T                                     # [T, 4] (:55)
+                else:   # :56-57 as written: the gather along dim 1 yields the first 4 anchors for every token
+                    four = torch.arange(4)[None].expand(N * N, -1)
                 own = feat.reshape(feat.shape[0], -1).T                             # [T, C]
                 cand = anchors[four]                                                # [T, 4, 2]
                 cf = feat[:, cand[..., 0], cand[..., 1]].permute(1, 2, 0)           # [T, 4, C]
@@ -416,13 +438,13 @@ def lvar_reference(bb, prompt, seed, start=10, thr=0.6, window=4, beta=0.8, chun
         return bb.decode(state).float()
 
 
-@pytest.mark.parametrize("start", [9, 10])
-def test_equals_the_lvar_loop_written_out(tiny, start):
+@pytest.mark.parametrize("start,nearest", [(9, False), (10, False), (9, True)])
+def test_equals_the_lvar_loop_written_out(tiny, start, nearest):
     """depth 4, block_chunks 8 (Lvar's): chunk 3 = block 1."""
-    ref = lvar_reference(tiny, "two green circles", 0, start=start)
-    out = _run(tiny, SparseVARLvar(SparseVARLvarConfig(start_prune_stage=start)))
-    assert torch.equal(out.images, ref)
-    assert not torch.equal(out.images, _run(tiny, Method()).images)
+    ref = lvar_reference(tiny, "two green circles", 0, start=start, nearest=nearest)
+    out = _run_cfg(tiny, start_prune_stage=start, quirk_corner_gather=not nearest)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, _run_cfg(tiny, method="none"))
 
 
 def test_infinity_update_zero_sets_those_codes_to_zero(tiny):
@@ -442,14 +464,16 @@ def test_infinity_update_zero_sets_those_codes_to_zero(tiny):
     assert not torch.equal(tiny.update(tiny.init_state(None), bits, sc).summed, expect)
 
 
-@pytest.mark.parametrize("quirk", ["quirk_beta_not_passed", "quirk_logits_no_permute", "quirk_b1_no_anchor_merge",
-                                   "quirk_anchor_mod"])
-def test_each_quirk_changes_the_image_on_tiny(tiny, quirk):
-    """Each quirk is live on model=tiny at start 9 (grids 10, 12, 16; window 3 makes the anchor test matter)."""
-    base = dict(start_prune_stage=9, local_window_size=3)
-    on = _run(tiny, SparseVARLvar(SparseVARLvarConfig(**base)))
-    off = _run(tiny, SparseVARLvar(SparseVARLvarConfig(**base, **{quirk: False})))
-    assert not torch.equal(on.images, off.images)
+@pytest.mark.parametrize("quirk,extra", [
+    ("quirk_beta_not_passed", {}), ("quirk_logits_no_permute", {}), ("quirk_b1_no_anchor_merge", {}),
+    ("quirk_corner_gather", {}),
+    # with the first-4 candidates and no merge, the anchor list matters only through its first 4 entries: on the
+    # 12x12 grid (window 4) they are (0,0) (0,4) (0,8) (0,11) as written, (0,0) (0,4) (0,8) (4,0) as meant
+    ("quirk_anchor_mod", {}), ("quirk_anchor_mod", {"local_window_size": 3, "quirk_corner_gather": False})])
+def test_each_quirk_changes_the_image_on_tiny(tiny, quirk, extra):
+    """Each quirk is live on model=tiny at start 9 (grids 10, 12, 16)."""
+    base = dict(start_prune_stage=9, **extra)
+    assert not torch.equal(_run_cfg(tiny, **base), _run_cfg(tiny, **base, **{quirk: False}))
 
 
 def test_codes_view_quirk_refuses_batches_and_off_is_per_image(tiny):
