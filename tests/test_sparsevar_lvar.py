@@ -520,3 +520,57 @@ def test_contract_on_the_12_scale_tiny_model_where_it_prunes(tiny):
     m = SparseVARLvar()
     _run(tiny, m)
     assert sorted({si for si, _ in m.claims}) == [10, 11]
+
+
+# ------------------------------------------------------------------ against Lvar's own function (optional)
+def _lvar_source() -> str:
+    """sparsevar_model.py of Weepingchestnut/Lvar: ``LVAR_REPO`` = a checkout, or a bare git dir (read at f94b7ec)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = os.environ.get("LVAR_REPO")
+    if not root:
+        pytest.skip("set LVAR_REPO to a checkout (or git dir) of Weepingchestnut/Lvar to compare with its lf_anchor")
+    rel = "models/sparsevar/sparsevar_model.py"
+    if (Path(root) / rel).exists():
+        return (Path(root) / rel).read_text()
+    r = subprocess.run(["git", "--git-dir", root, "show", f"f94b7ec:{rel}"], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"LVAR_REPO={root}: no {rel} and no commit f94b7ec ({r.stderr.strip()[:80]})")
+    return r.stdout
+
+
+def test_lf_anchor_equals_lvar_code():
+    """Runs Lvar's own ``lf_anchor`` and helpers (taken from its source at test time, never copied here) on random
+    previous-scale maps and compares (high, low, recoverable, low_to_anchor) with ours, defaults = quirks on."""
+    import ast
+    import textwrap
+    import warnings
+
+    src = _lvar_source()
+    tree = ast.parse(src)
+    ns = {"torch": torch, "F": F}
+    wanted = {"map_to_best_corner", "get_reverse_indices", "generate_anchors_from_flat", "lf_anchor"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name in wanted:
+            exec(textwrap.dedent(ast.get_source_segment(src, node)), ns)
+    assert wanted <= set(ns)
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        B = 1 if seed % 3 else 2
+        n = int(torch.randint(3, 14, (1,), generator=g))
+        N = n + int(torch.randint(1, 8, (1,), generator=g))
+        w = int(torch.randint(2, 6, (1,), generator=g))
+        mse = torch.rand(B, n * n, generator=g) ** 2
+        logits = torch.randn(B, n * n, 8, generator=g)
+        if seed % 5 == 0:
+            logits = logits.round()            # equal similarities
+        ratio = ((mse / mse.max()) > 0.6).float().mean(1).max()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # meshgrid without indexing=
+            ref = ns["lf_anchor"](SimpleNamespace(patch_nums=[n, N]), logits, 1, mse, ratio, w)
+        m = SparseVARLvar(SparseVARLvarConfig(local_window_size=w))
+        m.logits, m.mse, m.ratio = (0, logits, (n, n)), (0, mse, (n, n)), ratio
+        got = m.lf_anchor((N, N))
+        assert all(torch.equal(a, b) for a, b in zip(ref, got)), (seed, B, n, N, w)
