@@ -33,6 +33,9 @@ is a field of :class:`NovaConfig`; the README's "NOVA readings" table lists them
 Not implemented (methods.md §2.3 lists them; see the README): ``entropy_branch: post_filter`` (a method sees the
 logits before the backbone's top-k/top-p filter, whose settings it is not given) and ``kv_for_pruned: from_restored``
 (a method cannot project K/V: the block's QKV weights are the backbone's).
+Per image: t*, Ratio_t, H̄_{t,j} and the kept sets are each image's own, and a Selection is one rectangle for the
+batch, so ``generate()`` with NOVA takes one prompt per call (more is refused in one line; the runner generates NOVA
+at batch size 1, ``batch_rectangular = False``).
 Ablations are configs of this class (``conf/method/nova_*.yaml``): ``scale_linkage``, ``layer_linkage``,
 ``fixed_ratios`` (per grid side, Table 5), ``selection: entropy|mse|attn`` (Table 4).
 """

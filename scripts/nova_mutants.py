@@ -124,6 +124,8 @@ MUTANTS = {  # name -> [(owner, attribute, replacement)]
     "ratio_override_not_capped": [(nm.Nova, "_layer_ratio", _override_raw), (nm.Nova, "_kept", _kept_without_r_max)],
     "ratio_override_recorded_uncapped": [(nm.Nova, "_layer_ratio", _override_raw)],
     "categorical_entropy_in_bits": [(nm, "token_entropy", _categorical_in_bits)],
+    # issue 25 item 4 (killed by test_nova.py's in-loop tests: run with --all)
+    "batches_as_if_rectangular": [(nm.Nova, "batch_rectangular", True)],
 }
 
 

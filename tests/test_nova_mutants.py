@@ -135,7 +135,8 @@ def test_every_mutant_still_applies():
     for name, patches in mod.MUTANTS.items():
         for owner, attr, new in patches:
             assert hasattr(owner, attr), (name, attr)
-            assert getattr(owner, attr) is not new, (name, attr)
+            if callable(new):   # a plain value (a class flag) is the same object in a mutated run: nothing to tell
+                assert getattr(owner, attr) is not new, (name, attr)
     assert all(hasattr(Nova, a) for a in ("_keep", "_maps", "_entropy", "_growth_for_ratio", "_records_cache"))
 
 
