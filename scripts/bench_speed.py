@@ -15,8 +15,9 @@ warning (trust the ratio of minima more than that of medians then). ``--threads`
 and the CPU affinity. ``--profile`` adds a breakdown per image from ``torch.profiler`` ranges
 (``varbench/profiling.py``): blocks, attention, KV cache, head, sampling and the method's bookkeeping.
 
-``--random-weights`` builds the architecture with seeded weights (speed only: images and any entropy-driven
-decision are meaningless then; pin them with --set, e.g. NOVA's t_star).
+``--random-weights`` builds the architecture with seeded weights drawn on the device (speed only: images and any
+entropy-driven decision are meaningless then; pin them with --set, e.g. NOVA's t_star); the full-size configs
+``infinity_2b_random``, ``infinity_8b_random``, ``hart_0.7b_random`` are that, with a tiny text encoder.
 """
 import argparse
 import dataclasses
@@ -142,6 +143,11 @@ def fmt_bytes(n) -> str:
     return "—" if not n else f"{n / 2**20:.0f} MiB"
 
 
+def fmt_mb(n) -> str:
+    """KV-cache / loop-tensor peaks (varbench/records.py: the most bytes held at once, any device), MiB."""
+    return "—" if not n else f"{n / 2**20:.2f}"
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     validate(a)
@@ -166,8 +172,8 @@ def main(argv=None) -> int:
     names = ["none"] + [n for n in names if n != "none"]
     mcfgs = {n: compose("method", n, a.set) for n in names}
     methods = {n: build_method(c) for n, c in mcfgs.items()}  # option errors surface here, before the model
-    if a.random_weights:
-        mcfg["files"] = None
+    if a.random_weights:   # drawn on the device itself (same numbers on a CPU as the CPU-first build)
+        mcfg["files"], mcfg["init_on_device"] = None, True
     if a.compile:
         check_compile(mcfg)
     if a.official and mcfg.get("family") != "infinity":
@@ -226,6 +232,7 @@ def main(argv=None) -> int:
     order = list(runners)
 
     flops, peak = {n: [] for n in order}, {n: 0 for n in order}
+    kvpk, held = {n: 0 for n in order}, {n: 0 for n in order}   # KV-cache peak, loop-held tensors peak (every device)
     t_warm = time.perf_counter()
     for n in order:
         for _ in range(a.warmup):
@@ -243,6 +250,8 @@ def main(argv=None) -> int:
                 if out is not None:
                     if bb.device.type == "cuda":  # on CPU the loop records the process's max RSS: not per run
                         peak[n] = max(peak[n], out.record.peak_memory_bytes)
+                    kvpk[n] = max(kvpk[n], out.record.kv_peak_bytes)
+                    held[n] = max(held[n], out.record.loop_peak_bytes)
                     if r == 0:
                         flops[n].append(generation_flops(dataclasses.asdict(out.record), bb.spec))
         for n in order:
@@ -276,8 +285,9 @@ def main(argv=None) -> int:
               f"stand-ins: {'; '.join(official.standins) or 'none (flash-attn installed)'}")
     bflops = sum(flops["none"])
     print("| run | min (s) | median (s) | max (s) | spread | speedup vs none (median) | speedup (min) | "
-          "FLOP-ideal speedup | realized / ideal | latency / official (median) | peak memory (GPU) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "FLOP-ideal speedup | realized / ideal | latency / official (median) | peak memory (GPU) | KV MB | "
+          "peak MB (loop tensors) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     wide, rows = [], []
     for n in order:
         lo, med, hi = stat[n]
@@ -289,12 +299,14 @@ def main(argv=None) -> int:
         real = base / med
         vs_off = f"{med / stat['official'][1]:.2f}x" if official is not None else "—"
         print(f"| {n} | {lo:.3f} | {med:.3f} | {hi:.3f} | {spread:.0%} | {real:.2f}x | {bmin / lo:.2f}x | "
-              f"{ideal:.2f}x | {real / ideal:.0%} | {vs_off} | {fmt_bytes(peak[n])} |")
+              f"{ideal:.2f}x | {real / ideal:.0%} | {vs_off} | {fmt_bytes(peak[n])} | {fmt_mb(kvpk[n])} | "
+              f"{fmt_mb(held[n])} |")
         rows.append({"run": n, "min_s": lo, "median_s": med, "max_s": hi, "rounds_s": per_round[n], "spread": spread,
                      "speedup_median": real, "speedup_min": bmin / lo, "flop_ideal_speedup": ideal,
                      "realized_over_ideal": real / ideal,
                      "over_official_median": med / stat["official"][1] if official is not None else None,
-                     "peak_memory_bytes": peak[n] or None})
+                     "peak_memory_bytes": peak[n] or None, "kv_peak_bytes": kvpk[n] or None,
+                     "loop_peak_bytes": held[n] or None})
     if official is not None:
         lo, med, _ = stat["official"]
         print(f"\nours none / official: {stat['none'][1] / med:.2f}x (medians), {stat['none'][0] / lo:.2f}x (minima)")
