@@ -112,3 +112,21 @@ def test_smoke_run_on_the_cpu_writes_the_report(tmp_path):
     assert rep["device"]["device"] in md and f"torch {rep['device']['torch']}" in md
     assert "| run | min (s) | median (s) | max (s) | speedup vs none | FLOP-ideal speedup | realized / ideal |" in md
     assert (tmp_path / "gpu_check.log").read_text().count("$ ") == 4
+
+
+def test_pytest_step_stops_starting_tests_after_its_deadline(tmp_path):
+    """VARBENCH_GPU_DEADLINE in the past: tests/test_gpu.py skips what would start (with the budget reason), pytest
+    ends by itself and its XML counts those skips (the pytest step's report survives a tight budget)."""
+    import os
+
+    xml = tmp_path / "p.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_gpu.py", "-k", "real_architecture", "-p",
+           "no:cacheprovider", f"--junitxml={xml}", "-o", "junit_family=xunit1"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, VARBENCH_GPU_DEADLINE="0"))
+    assert r.returncode == 0, r.stdout[-2000:]
+    s = _script().junit_summary(xml)
+    assert s["tests"] == 3 and s["skipped"] == 3 and s["skipped_budget"] == 3 and s["passed"] == 0
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)   # no deadline: they run
+    s = _script().junit_summary(xml)
+    assert r.returncode == 0 and s["passed"] == 3 and s["skipped_budget"] == 0
