@@ -10,6 +10,7 @@ METRICS = {
     "hpsv2": "eval.hpsv2:run",
     "imagereward": "eval.imagereward:run",
     "shapes": "eval.shapes.scorer:run",
+    "imagenet": "eval.imagenet:run",
 }
 
 PROMPT_SOURCES = {

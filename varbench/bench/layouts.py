@@ -9,6 +9,8 @@
                entry of benchmark-prompts.json plus ``gen_image_paths``)                       evaluation/image_reward
   hpsv2        <style>/<idx:05d>.jpg (the HPS scorer reads jpg only)                          Infinity eval_hpsv2.py
   mjhq         <category>/<id>.<ext>                                                           clean-fid (any ext)
+  imagenet     s<k:04d>_c<class:04d>.png (flat) + samples.npz (arr_0 uint8 NHWC in item      ADM evaluator
+               order, arr_1 labels) once every image exists                                   (guided-diffusion)
 
 Image format (``bench.image_format``: png | jpg, ``bench.jpg_quality``): each benchmark's default is what the scripts
 that produced the published numbers save. Infinity/FastVAR's ``evaluation/gen_eval/infer4eval.py``,
@@ -19,11 +21,17 @@ that produced the published numbers save. Infinity/FastVAR's ``evaluation/gen_ev
 from __future__ import annotations
 
 import json
+import os
+import re
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from varbench.errors import UserError
 
-OFFICIAL_FORMAT = {"geneval": "jpg", "imagereward": "jpg", "hpsv2": "jpg", "dpg": "png", "mjhq": "png", "flat": "png"}
+OFFICIAL_FORMAT = {"geneval": "jpg", "imagereward": "jpg", "hpsv2": "jpg", "dpg": "png", "mjhq": "png", "flat": "png",
+                   "imagenet": "png"}
 FORMATS = ("png", "jpg")
 DEFAULT_JPG_QUALITY = 95   # cv2.imwrite's default IMWRITE_JPEG_QUALITY
 
@@ -38,6 +46,9 @@ def image_format(bench: dict) -> tuple[str, int | None]:
         raise UserError(f"bench.image_format must be png or jpg, got {bench.get('image_format')!r}")
     if layout == "hpsv2" and fmt != "jpg":
         raise UserError("bench.image_format=png is not possible for hpsv2: the HPSv2 scorer reads only .jpg files")
+    if layout == "imagenet" and fmt != "png":
+        raise UserError("bench.image_format=jpg is not possible for imagenet: VAR's protocol saves PNG (a JPEG round "
+                        "trip changes the Inception features)")
     if fmt == "png":
         return fmt, None
     q = bench.get("jpg_quality")
@@ -84,7 +95,7 @@ def relpath(layout: str, key: str, index: int, k: int, n_per: int, fmt: str | No
         return f"{key}/{key}_{k}.{ext}"
     if layout == "hpsv2":
         return f"{key}.jpg"
-    if layout == "mjhq":
+    if layout in ("mjhq", "imagenet"):
         return f"{key}.{ext}"
     raise ValueError(f"unknown layout {layout!r}")
 
@@ -135,3 +146,67 @@ def finalize(layout: str, image_dir: Path, prompts, n_per: int, fmt: str | None 
             tmp = image_dir / "metadata.jsonl.tmp"
             tmp.write_text(json.dumps(entries))
             tmp.replace(image_dir / "metadata.jsonl")
+    elif layout == "imagenet":
+        files = [image_dir / relpath("imagenet", p.key, p.index, k, n_per) for p in prompts for k in range(n_per)]
+        if files and all(f.exists() for f in files):
+            write_imagenet_npz(files, image_dir / IMAGENET_NPZ)
+
+
+# ------------------------------------------------------------------ the ImageNet sample batch (ADM evaluator input)
+IMAGENET_NPZ = "samples.npz"
+_IMAGENET_NAME = re.compile(r"s(\d+)_c(\d+)")
+
+
+def imagenet_key(label: int, k: int) -> str:
+    """File stem of sample k of a class: sorted names give the item order (k outer, class inner)."""
+    return f"s{k:04d}_c{label:04d}"
+
+
+def imagenet_order(image_dir: Path) -> tuple[list[Path], bool]:
+    """The .png files of a folder (not recursive, as VAR's ``create_npz_from_sample_folder`` globs ``*.png``) in item
+    order (sample k, then class) when every name is ``s<k>_c<class>``, else in sorted name order; and which it was."""
+    files = sorted(p for p in Path(image_dir).glob("*.png") if p.is_file())
+    keys = [_IMAGENET_NAME.fullmatch(p.stem) for p in files]
+    if files and all(keys):
+        return [f for _, f in sorted(zip([(int(m[1]), int(m[2])) for m in keys], files))], True
+    return files, False
+
+
+def write_imagenet_npz(files: list[Path], out: Path) -> Path:
+    """``np.savez``-compatible ``out`` with ``arr_0`` = the images, uint8 [N, H, W, 3] in the given order, and ``arr_1``
+    = their labels (int64; -1 where a name carries none), streamed image by image (the 50K batch at 256 px is 9.8 GB).
+    Skipped when ``out`` is newer than every image and holds as many; written atomically (per-process temp name)."""
+    from PIL import Image
+
+    files, out = [Path(f) for f in files], Path(out)
+    if out.exists() and out.stat().st_mtime >= max(f.stat().st_mtime for f in files):
+        try:
+            with np.load(out) as z:
+                if len(z["arr_1"]) == len(files):
+                    return out
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass
+    with Image.open(files[0]) as im:
+        w, h = im.size
+    labels = []
+    for f in files:
+        m = _IMAGENET_NAME.fullmatch(f.stem)
+        labels.append(int(m[2]) if m else -1)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(files), h, w, 3)}
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        with z.open("arr_0.npy", "w", force_zip64=True) as fp:
+            np.lib.format.write_array_header_1_0(fp, header)
+            for f in files:
+                with Image.open(f) as im:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                if arr.shape != (h, w, 3):
+                    tmp.unlink(missing_ok=True)
+                    raise UserError(f"{f} is {arr.shape[1]}x{arr.shape[0]} px, the others {w}x{h}: one .npz batch "
+                                    f"needs one image size")
+                fp.write(arr.tobytes())
+        with z.open("arr_1.npy", "w", force_zip64=True) as fp:
+            np.lib.format.write_array(fp, np.asarray(labels, np.int64))
+    tmp.replace(out)
+    return out

@@ -1,5 +1,5 @@
 """The papers' tables regenerated from the results store, with the papers' numbers beside ours: NOVA's Tables 1–5
-(1–5), ToProVAR's headline tables (6–11) and SparVAR's (12–14).
+(1–5), ToProVAR's headline tables (6–11), SparVAR's (12–14) and VAR's ImageNet table (15).
 
 Each table is the paper's CSV (``results/paper/``) joined with our rows on (model, method): every metric cell reads
 ``ours / paper (Δ)``; a value we have not measured shows ``—`` (never a number). Extra rows we have for the same
@@ -49,6 +49,10 @@ TABLES = {  # number -> (title, csv file, row key column for the method, metric 
          ["speedup", "psnr", "ssim", "lpips"]),
     14: ("SparVAR Table 1: attention kernel at the last scale", "sparvar_table1_kernel.csv", "method",
          ["sparsity_pct", "attn_time_ms", "kernel_speedup"]),
+    # VAR (Tian et al., NeurIPS 2024) Table 1: ImageNet 256 (d36: 512) with the ADM evaluator, 50 per class; the final
+    # version's numbers (shared/specs/imagenet_eval.md §3; README/arXiv-v1 FIDs in the CSV's readme_fid column)
+    15: ("VAR Table 1: ImageNet class-conditional (ADM evaluator)", "var_table1_imagenet.csv", "method",
+         ["imagenet_fid", "imagenet_is", "imagenet_precision", "imagenet_recall"]),
 }
 
 
@@ -85,7 +89,7 @@ def _cell(ours: float | None, raw_paper: str | None) -> str:
 
 BENCH_PREF = {1: ["geneval", "dpg"], 2: ["imagereward", "hpsv2"], 3: ["mjhq"], 4: ["geneval"], 5: ["geneval"],
               6: ["geneval", "dpg"], 7: ["hpsv2", "imagereward"], 8: ["mjhq"], 9: ["geneval"], 10: ["geneval"],
-              11: ["geneval"], 12: ["geneval"], 13: ["geneval"], 14: ["geneval"]}
+              11: ["geneval"], 12: ["geneval"], 13: ["geneval"], 14: ["geneval"], 15: ["imagenet"]}
 
 
 def ours_by_row(df, bench_pref: list[str] | None = None) -> dict[tuple[str, str], dict[str, float]]:
@@ -129,4 +133,9 @@ def render(n: int, df=None, bench_filter: dict | None = None) -> str:
         if k[0] in models and k not in seen and any(m in ours[k] for m in metrics):
             cells = [_cell(ours[k].get(m), None) for m in metrics]
             lines.append("| " + " | ".join([k[0], k[1]] + cells) + " |")
+    standin = sorted({f"{k[0]}/{k[1]}" for k, v in ours.items() if k[0] in models and any(
+        name.endswith("_standin") and val == 1 for name, val in v.items())})
+    if standin:   # a scorer that ran a stand-in network (eval/imagenet.py without the real Inception) says so
+        lines += ["", f"Ours for {', '.join(standin)}: scored with a STAND-IN feature network (seeded random weights; "
+                      f"the real network's weights were absent), so those numbers are not comparable with the paper's."]
     return "\n".join(lines)

@@ -15,6 +15,13 @@ SPEED_COLUMNS = [
 ]
 
 
+# A scorer that had to use a stand-in feature network (eval/imagenet.py without the real Inception weights) reports
+# ``<prefix>_standin = 1``: not a column, a footnote on that row.
+STANDIN = "_standin"
+STANDIN_NOTE = ("{p}: scored with a STAND-IN feature network (seeded random weights, the real network's interface): "
+                "its weights were not found, so these numbers exercise the pipeline and compare with nothing")
+
+
 def _fmt(v, fmt: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
@@ -41,7 +48,7 @@ def quality_columns(w, prefixes: list[str]) -> list[str]:
     """The quality metrics of a bench present in ``w``: each ``<prefix>_overall`` first, then its parts."""
     out = []
     for p in prefixes:
-        mine = sorted(c for c in w.columns if isinstance(c, str) and c.startswith(p + "_"))
+        mine = sorted(c for c in w.columns if isinstance(c, str) and c.startswith(p + "_") and not c.endswith(STANDIN))
         out += [c for c in mine if c.endswith("_overall")] + [c for c in mine if not c.endswith("_overall")]
     return out
 
@@ -52,6 +59,8 @@ def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None, quality: 
     q = [(m, m.replace("_", " "), "{:.3f}") for m in (quality or []) if m in w.columns]
     known = {c[0] for c in columns} | {m for m, _, _ in q} | {"model", "bench", "method", "overrides", "run", "note",
                                                                  "device", "gflops"}
+    flags = [c for c in w.columns if isinstance(c, str) and c.endswith(STANDIN)]
+    known |= set(flags)
     auto = [c for c in w.columns if isinstance(c, str) and c not in known and c not in (extra or [])]
     cols = q + [c for c in columns if c[0] in w.columns] + [(m, m, "{:.4g}") for m in list(extra or []) + auto
                                                             if m in w.columns]
@@ -59,12 +68,13 @@ def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None, quality: 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes: list[str] = []
     for _, r in w.iterrows():
-        note = r.get("note")
         mark = ""
-        if isinstance(note, str) and note:
-            if note not in notes:
-                notes.append(note)
-            mark = f"[{notes.index(note) + 1}]"
+        row_notes = [r.get("note")] + [STANDIN_NOTE.format(p=f[:-len(STANDIN)]) for f in flags if r.get(f) == 1]
+        for note in row_notes:
+            if isinstance(note, str) and note:
+                if note not in notes:
+                    notes.append(note)
+                mark += f"[{notes.index(note) + 1}]"
         name = r["method"] + mark + (f" ({r['overrides']})" if r.get("overrides") not in (None, "", "default") else "")
         cells = [r["model"], r["bench"], name] + [_fmt(r.get(m), f) for m, _, f in cols]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
