@@ -207,3 +207,17 @@ def test_cli_one_line_errors(tmp_path, capsys):
     assert report_main(["--root", str(tmp_path / "empty"), "--no-progress"]) == 2
     assert "no results" in capsys.readouterr().err
     assert report_main(["--root", str(tmp_path), "--select", "x"]) == 2
+
+
+def test_paper_points_are_the_papers_rows():
+    import csv
+
+    from varbench.resources import paper_dir
+
+    with (paper_dir() / "nova_table1_geneval_dpg.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["backbone"] == "infinity_2b" and r["speedup"] and
+                r["geneval_overall"]]
+    pts = [p for p in B.Builder.paper_points("infinity_2b", "geneval_overall") if p["table"] == "Table 1"]
+    assert rows and [(p["label"], p["speedup"], p["quality"]) for p in pts] == \
+        [(r["method"], float(r["speedup"]), float(r["geneval_overall"])) for r in rows]
+    assert B.Builder.paper_points("tiny", "geneval_overall") == []

@@ -29,7 +29,7 @@ from varbench.results import paper, store, tables
 from varbench.results.fidelity import load_rgb, psnr_ssim
 from varbench.results.speed import PSNR_CAP, _tokens
 
-VERSION = "1"          # part of every figure's content hash: bump when a drawing changes
+VERSION = "2"          # part of every figure's content hash: bump when a drawing changes
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 CACHE = ".report_cache.json"
 METHOD_KEYS_IGNORED = ("name", "footnote")
@@ -362,13 +362,13 @@ class Builder:
         """The papers' (speedup, quality) rows for this model where a paper table has both columns."""
         pts = []
         for n in sorted(paper.TABLES):
-            title, _, _, metrics = paper.TABLES[n]
+            title, _, _, metrics = paper.TABLES[n]      # a method in several tables: one point per table
             if "speedup" not in metrics or q not in metrics:
                 continue
             for r in paper.read_paper(n):
                 s, v = _num(r.get("speedup")), _num(r.get(q))
                 if r.get("backbone") == model and s is not None and v is not None:
-                    pts.append({"speedup": s, "quality": v, "label": f"{r['method']} ({title.split(':')[0]})"})
+                    pts.append({"speedup": s, "quality": v, "label": r["method"], "table": title.split(":")[0]})
         return pts
 
     def grid(self, runs: list[Run], ref: Run | None) -> dict:

@@ -51,9 +51,13 @@ def pareto(stem: Path, title: str, quality: str, series: list[dict], reference: 
             ax.plot([1.0], [reference["quality"]], marker="*", color="black", markersize=12, linestyle="none",
                     label="none (reference)")
         if key == "speedup":
-            for j, p in enumerate(paper_points):
-                ax.plot([p["speedup"]], [p["quality"]], marker=MARKERS[j % len(MARKERS)], markerfacecolor="none",
-                        color="gray", linestyle="none", markersize=7, label=f"paper: {p['label']}")
+            if paper_points:
+                ax.plot([p["speedup"] for p in paper_points], [p["quality"] for p in paper_points], marker="o",
+                        markerfacecolor="none", color="gray", linestyle="none", markersize=6,
+                        label="the papers (as reported)")
+            for p in paper_points:
+                ax.annotate(p["label"], (p["speedup"], p["quality"]), textcoords="offset points", xytext=(3, -8),
+                            fontsize=5.5, color="gray")
         ax.set_xlabel(name)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(quality)
