@@ -32,7 +32,8 @@ How the TF float16 ops are re-expressed: every op's result is rounded to float16
 the subtraction, the addition), the norms and the matmul accumulated in float64 before their one rounding (TF's GPU
 kernels accumulate in float32: the two differ only where the float32 sum lands on the other side of a float16
 rounding boundary); the float32 fallback likewise rounds each op to float32. Blocks are 10000 x 10000 as EV's
-(the fallback is per block, so block boundaries are part of the result).
+(the fallback is per block, so block boundaries are part of the result). The network and the softmax run in exact
+float32 (TF32 off): TF >= 2.4 would use TF32 on Ampere+ GPUs by default, a device-dependent default, not the protocol.
 
 The Inception weights and the reference batch (``VIRTUAL_imagenet256_labeled.npz``, or ``VIRTUAL_imagenet512.npz``
 for 512-px samples; chosen by the samples' size) cannot be downloaded here. ``bench.imagenet.inception``: ``real``
@@ -103,9 +104,10 @@ def _pos_int(bench: dict, key: str, default: int) -> int:
 
 # ------------------------------------------------------------------ the npz batch (EV's reader, streamed)
 @contextmanager
-def open_batch(path: Path, key: str = "arr_0"):
+def open_batch(path: Path, key: str = "arr_0", uint8: bool = True):
     """(shape, iterator factory) over ``key`` of an ``.npz``, read in batches without loading the whole array (the
-    50K batch is 9.8 GB at 256 px); one-line error when the file or key is missing or not uint8 NHWC."""
+    50K batch is 9.8 GB at 256 px); one-line error when the file or key is missing or not [N, H, W, 3] (uint8 unless
+    ``uint8=False``: the reference batch's dtype is unverified, and EV casts whatever it holds to float32)."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as z:
@@ -115,14 +117,16 @@ def open_batch(path: Path, key: str = "arr_0"):
                 version = np.lib.format.read_magic(f)
                 shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
                                          else np.lib.format.read_array_header_2_0(f))
-                if fortran or dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-                    raise UserError(f"{path}: {key} must be uint8 [N, H, W, 3] (C order), got {dtype} {shape}")
-                row = int(np.prod(shape[1:]))
+                bad_dtype = dtype != np.uint8 if uint8 else (dtype.hasobject or dtype.kind not in "uif")
+                if fortran or bad_dtype or len(shape) != 4 or shape[-1] != 3:
+                    raise UserError(f"{path}: {key} must be {'uint8 ' if uint8 else ''}[N, H, W, 3] (C order), got "
+                                    f"{dtype} {shape}")
+                row = int(np.prod(shape[1:])) * dtype.itemsize
 
                 def batches(size: int = EV_BATCH):
                     for s in range(0, shape[0], size):
                         n = min(size, shape[0] - s)
-                        yield np.frombuffer(bytearray(f.read(n * row)), np.uint8).reshape(n, *shape[1:])
+                        yield np.frombuffer(bytearray(f.read(n * row)), dtype).reshape(n, *shape[1:])
 
                 yield shape, batches
     except (zipfile.BadZipFile, OSError, ValueError) as e:
@@ -292,7 +296,7 @@ class InceptionTF2015(nn.Module):
 
     @torch.no_grad()
     def forward(self, images_nhwc_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images_nhwc_uint8.to(self.fc.weight.device).permute(0, 3, 1, 2).float()
+        x = images_nhwc_uint8.to(self.fc.weight.device).permute(0, 3, 1, 2).float()   # EV: batch.astype(float32)
         x = (tf1_resize_bilinear(x, 299) - 128) / 128
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))
@@ -541,7 +545,7 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
         raise UserError(f"the ImageNet metrics need at least {EV_K + 1} images, got {len(acts[0])}")
     probs = softmax_probs(acts[0], net.logits_weight)
     if real:
-        with open_batch(ref_path) as (_, ref_batches):
+        with open_batch(ref_path, uint8=False) as (_, ref_batches):
             ref = activations(net, ref_batches(EV_BATCH))
         ref_stats, ref_name = _ref_stats_from_file(ref_path), str(ref_path)
     else:

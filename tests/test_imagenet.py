@@ -421,6 +421,30 @@ def test_scorer_runs_with_the_standin_and_says_so(tmp_path):
         im.run(_bench(imagenet={"inception": "real", "weights_dir": str(tmp_path)}), tmp_path, tmp_path / "s", "cpu")
 
 
+def test_reference_file_stats_and_dtype(tmp_path):
+    """EV ``read_statistics``: the file's mu/sigma/mu_s/sigma_s when it has them; its arr_0 is read whatever its
+    numeric dtype (EV casts to float32); a sample batch must be uint8."""
+    arr = np.random.default_rng(11).integers(0, 256, (5, 8, 8, 3)).astype(np.float32)
+    np.savez(tmp_path / "ref.npz", arr_0=arr, mu=np.ones(3), sigma=np.eye(3), mu_s=np.zeros(2), sigma_s=np.eye(2))
+    stats = im._ref_stats_from_file(tmp_path / "ref.npz")
+    np.testing.assert_array_equal(stats[0], np.ones(3))
+    np.testing.assert_array_equal(stats[3], np.eye(2))
+    with im.open_batch(tmp_path / "ref.npz", uint8=False) as (shape, batches):
+        np.testing.assert_array_equal(np.concatenate(list(batches(2))), arr)
+    with pytest.raises(UserError, match="must be uint8"):
+        with im.open_batch(tmp_path / "ref.npz"):
+            pass
+    np.savez(tmp_path / "plain.npz", arr_0=arr.astype(np.uint8))
+    assert im._ref_stats_from_file(tmp_path / "plain.npz") is None
+    with pytest.raises(UserError, match="has no arr_1"):
+        with im.open_batch(tmp_path / "plain.npz", "arr_1"):
+            pass
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(UserError, match="cannot read"):
+        with im.open_batch(tmp_path / "bad.npz"):
+            pass
+
+
 def test_reference_batch_url_and_jpg_refused():
     path, url = im.reference_path({}, {"data_dir": "/x"}, 256)
     assert path.name == "VIRTUAL_imagenet256_labeled.npz" and url.endswith("/256/VIRTUAL_imagenet256_labeled.npz")
@@ -479,3 +503,21 @@ def test_table_footnote_says_when_the_standin_scored():
     assert [ln.split("|")[3].strip() for ln in lines[2:4]] == ["none", "nova[1]"]
     p = paper.render(15, df)
     assert "var_d30/nova" in p.splitlines()[-1] and "STAND-IN" in p and "1.92" in p
+
+
+# ------------------------------------------------------------------ on CUDA (scripts/gpu_check.py runs pytest -m gpu)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False here)")
+def test_metrics_on_cuda_equal_the_evaluator_and_the_cpu(standin):
+    """The radii, precision and recall on CUDA are the evaluator's (float16 rounding of float64 sums: device
+    independent), and the port runs there in float32 without TF32 (features within 1e-4 of the CPU's)."""
+    ref, sample = _features(0, 230, 310, 2048)
+    r_ref, r_s = im.manifold_radii(ref, "cuda", 64), im.manifold_radii(sample, "cuda", 64)
+    np.testing.assert_array_equal(r_ref, _ev_manifold_radii(ref, 64, 64)[:, 0])
+    np.testing.assert_array_equal(r_s, _ev_manifold_radii(sample, 64, 64)[:, 0])
+    assert im.precision_recall(ref, r_ref, sample, r_s, "cuda", 64) == _ev_prec_recall(ref, sample, 64)
+    x = torch.from_numpy(np.random.default_rng(10).integers(0, 256, (4, 256, 256, 3), dtype=np.uint8))
+    cpu = standin(x)
+    gpu = im.standin_inception(0).cuda()(x)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
