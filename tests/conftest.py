@@ -35,7 +35,7 @@ def compose_method(name: str) -> dict:
 
 def contract_models() -> list[str]:
     """The seeded tiny backbones every method runs on (one per family that has one)."""
-    return [m for m in ("tiny_random", "hart_tiny_random") if (REPO / f"conf/model/{m}.yaml").exists()]
+    return [m for m in ("tiny_random", "hart_tiny_random", "var_tiny_random") if (REPO / f"conf/model/{m}.yaml").exists()]
 
 
 @pytest.fixture(scope="session")

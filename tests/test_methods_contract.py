@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import REPO, compose_method, contract_models
 
+from varbench.errors import UserError
 from varbench.harness.registry import build_backbone, build_method, method_class, names
 from varbench.hooks import Method
 from varbench.loop import generate
@@ -64,7 +65,12 @@ def test_method_contract(name, model):
     bb = backbone(model)
     if cls.FAMILIES is not None and bb.spec.family not in cls.FAMILIES:
         pytest.skip(f"{name} declares FAMILIES={cls.FAMILIES} (the runner refuses {bb.spec.family} in one line)")
-    check_contract(bb, lambda: build_method(cfg))
+    try:
+        check_contract(bb, lambda: build_method(cfg))
+    except UserError as e:   # a config made for another model's widths (fastvar_var's cache scale): one line, named
+        if "\n" in str(e) or "made for this model" not in str(e):
+            raise
+        pytest.skip(f"{name} refuses {model} in one line: {e}")
 
 
 @pytest.mark.parametrize("model", MODELS)

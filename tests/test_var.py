@@ -232,3 +232,64 @@ def test_seeded_init_is_deterministic():
     seeded_init_(a, 0)
     seeded_init_(b, 0)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_skipvar_refuses_var_in_one_line():
+    """SkipVAR's decision model is Infinity's (FAMILIES = ('infinity',)): the run stops before loading anything."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "run.py", "model=var_tiny_random", "method=skipvar"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "skipvar" in lines[0] and "infinity" in lines[0] and "var" in lines[0]
+
+
+def _nats(logits):
+    """Entropy of softmax(logits) in nats, float64, written here (independent of varbench.entropy)."""
+    lp = logits.double().log_softmax(-1)
+    return -torch.where(lp.isfinite(), lp.exp() * lp, torch.zeros_like(lp)).sum(-1)
+
+
+def test_nova_reads_the_categorical_entropy_of_the_guided_distribution_over_4096_codes(tiny):
+    """NOVA on VAR (as on HART): H̄_t = mean entropy (nats) of softmax over the 4096 codes of the guided logits
+    (t = cfg·si/(T−1), before top-k/top-p), and the per-layer lens the same of block j's input through the head."""
+    from test_nova import Probe
+
+    from nova.method import NovaConfig
+
+    m = Probe(NovaConfig(t_star=len(tiny.scales()) - 2))
+    out = _gen(tiny, method=m)
+    s = out.method_summary
+    H = s["entropy_per_scale"]
+    assert len(H) == len(m.final) == len(tiny.scales())
+    for si, (lc, lu, lg) in m.final.items():
+        assert lg.shape[-1] == 4096
+        assert H[si] == pytest.approx(_nats(lg)[0].mean().item(), rel=1e-5), si
+        assert 0 <= H[si] <= torch.tensor(4096.0).log().item() + 1e-6
+    cond, checked = tiny.condition([3]), 0
+    for (si, li), (x, _sel, _) in m.seen.items():
+        if str(si) in s["layer_entropy"]:
+            scale = tiny.scales()[si]
+            lens = _nats(tiny.guide(tiny.head(x, cond, scale), cond, scale)[2])[0]
+            assert s["layer_entropy"][str(si)][li] == pytest.approx(lens.mean().item(), rel=1e-5), (si, li)
+            checked += 1
+    assert checked
+
+
+def test_fastvar_var_prunes_the_last_two_scales_and_refuses_other_widths_in_one_line(tiny, tiny_backbone):
+    """fastvar_var (our GUESS): 13² keeps 169 − ⌊169·0.5⌋ = 85 tokens, 16² keeps 256 − ⌊256·0.75⌋ = 64, in every block;
+    on a schedule without the 10² cache scale it stops with FastVAR's one-line error."""
+    from conftest import compose_method
+
+    from varbench.harness.registry import build_method
+
+    m = build_method(compose_method("fastvar_var"))
+    out = _gen(tiny, method=m)
+    D = tiny.spec.depth
+    assert out.record.tokens[8] == [85.0] * D and out.record.tokens[9] == [64.0] * D
+    assert all(t == [float(h * w)] * D for t, (h, w) in zip(out.record.tokens[:8], out.record.scale_hw[:8]))
+    with pytest.raises(UserError, match="made for this model") as e:
+        generate(tiny_backbone, ["a red circle"], build_method(compose_method("fastvar_var")), torch.Generator().manual_seed(0))
+    assert "\n" not in str(e.value)

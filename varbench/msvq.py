@@ -12,10 +12,15 @@ and ``idx_to_var_input`` (``idxBl_to_var_input``, VAR's teacher-forcing input) a
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from varbench.kvcache import KVCache
 
 
 def _gn(c: int) -> nn.GroupNorm:
@@ -260,4 +265,72 @@ def fit_ema_buffer(sd: dict, vae: VQVAE, prefix: str = "") -> dict:
         sd = dict(sd)
         sd[k] = own.detach().clone()
     return sd
+
+
+# ---- loop parts shared by the backbones that accumulate this tokenizer's f_hat (VAR, HART) ----
+@dataclass(frozen=True)
+class Scale:
+    si: int
+    h: int
+    w: int
+    n: int           # tokens fed to the blocks (h·w; HART's scale 0: its context tokens)
+    rule_w: int = 0
+
+
+@dataclass
+class FHatState:
+    f_hat: torch.Tensor                                   # [B, Cvae, last, last]
+    idx: list = field(default_factory=list)               # sampled indices per scale [B, l]
+
+
+class FHatBackbone:
+    """The parts VAR and HART compose alike (spec hart_var.md Part B "Sampling loop"): the scale list, fp16/bf16
+    autocast on CUDA, the zero f_hat, a concatenating K/V cache, CFG on the logits with t = cfg·ratio(si) (guided =
+    (1+t)·cond − t·uncond; without uncond rows, the same formula on cond alone), the decode and the preview.
+    Needs ``self.model`` (``patch_nums``, ``Cvae``), ``self.vae``, ``self.sampling.cfg``, ``self._scales``,
+    ``self.device``, ``self.dtype``."""
+
+    def scales(self):
+        return self._scales
+
+    @property
+    def num_scales(self) -> int:
+        return len(self._scales)
+
+    def ratio(self, si: int) -> float:
+        """si/(SN−1): the CFG ramp and the more_smooth ratio."""
+        last = self.num_scales - 1
+        return si / last if last > 0 else 0.0
+
+    def precision(self):
+        if self.dtype in ("fp16", "bf16") and self.device.type == "cuda":  # official: fp16 autocast
+            return torch.autocast("cuda", dtype=torch.float16 if self.dtype == "fp16" else torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def init_state(self, cond) -> FHatState:
+        last = self.model.patch_nums[-1]
+        return FHatState(torch.zeros(cond.batch, self.model.Cvae, last, last, device=self.device))
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache()
+
+    def after_block(self, li, x, cond, scale) -> torch.Tensor:
+        return x
+
+    def guide(self, logits: torch.Tensor, cond, scale):
+        """(cond, uncond or None, guided): guided = (1+t)·cond − t·uncond with t = cfg·ratio(si). ``guided`` is what
+        the sampler draws from before top-k/top-p (NOVA's entropy reads it)."""
+        B, t = cond.batch, self.sampling.cfg * self.ratio(scale.si)
+        lc, lu = logits[:B], (logits[B:] if cond.rows > B else None)
+        if not cond.cfg:
+            return lc, lu, lc
+        return lc, lu, (1 + t) * lc - t * (lu if lu is not None else lc)
+
+    def decode(self, state: FHatState) -> torch.Tensor:
+        return self.vae.fhat_to_img(state.f_hat)
+
+    def preview(self, state: FHatState, si: int) -> torch.Tensor:
+        """The accumulated f_hat area-resized to scale si's grid, decoded."""
+        s = self._scales[si]
+        return self.vae.fhat_to_img(F.interpolate(state.f_hat, size=(s.h, s.w), mode="area"))
 

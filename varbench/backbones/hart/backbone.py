@@ -20,17 +20,17 @@ Diffusion noise (spec pitfall 7): ``sampling.diffusion_noise`` = ``rng`` draws i
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from varbench.backbones.base import BackboneSpec, text_conditions
 from varbench.backbones.hart.diffusion import generator_noise, global_noise
-from varbench.backbones.hart.model import HARTTransformer, KVCache, image_coords, rope_1d, rope_2d
+from varbench.backbones.hart.model import HARTTransformer, image_coords, rope_1d, rope_2d
 from varbench.backbones.hart.vae import VQVAE
 from varbench.errors import UserError
+from varbench.msvq import FHatBackbone, FHatState, Scale
 from varbench.sampling import draw, soft_embedding, top_k_top_p
 
 
@@ -54,15 +54,6 @@ class HARTSampling:
             raise UserError(f"model.sampling.diffusion_noise must be 'rng' or 'global', got {self.diffusion_noise!r}")
 
 
-@dataclass(frozen=True)
-class HARTScale:
-    si: int
-    h: int
-    w: int
-    n: int           # tokens fed to the blocks (context_token at scale 0)
-    rule_w: int = 0
-
-
 @dataclass
 class HARTCond:
     ctx: torch.Tensor          # sos = cond_BD: context_embed(context_norm(context)) [rows, T, C]
@@ -79,13 +70,7 @@ class HARTCodes:
     emb: torch.Tensor          # [B, l, Cvae] what is added to f_hat (codebook or soft embedding, + residual)
 
 
-@dataclass
-class HARTState:
-    f_hat: torch.Tensor                                   # [B, Cvae, last, last]
-    idx: list = field(default_factory=list)               # sampled indices per scale [B, l]
-
-
-class HARTBackbone:
+class HARTBackbone(FHatBackbone):
     """HART transformer + VQVAE (decode path) + text encoder + sampling settings."""
 
     def __init__(self, transformer: HARTTransformer, vae: VQVAE, text_encoder, sampling: HARTSampling,
@@ -99,24 +84,12 @@ class HARTBackbone:
         if rule_widths is not None and len(rule_widths) != len(pns):
             raise UserError(f"model.rule_widths has {len(rule_widths)} entries for {len(pns)} scales")
         rw = list(rule_widths) if rule_widths is not None else list(pns)
-        self._scales = [HARTScale(si, p, p, m.context_token if si == 0 else p * p, int(rw[si])) for si, p in enumerate(pns)]
+        self._scales = [Scale(si, p, p, m.context_token if si == 0 else p * p, int(rw[si])) for si, p in enumerate(pns)]
         self.forced_idx: list | None = None        # replay recorded indices instead of sampling (fixture checks)
         self.record_logits: dict | None = None     # when a dict: si -> raw head logits of every fed token
         self.diffusion_trace: list | None = None   # when a list: the diffusion steps are appended (fixture checks)
 
-    # ---- loop parts ----
-    def scales(self):
-        return self._scales
-
-    def precision(self):
-        if self.dtype in ("fp16", "bf16") and self.device.type == "cuda":  # official: fp16 autocast
-            return torch.autocast("cuda", dtype=torch.float16 if self.dtype == "fp16" else torch.bfloat16)
-        return contextlib.nullcontext()
-
-    @property
-    def num_scales(self) -> int:
-        return len(self._scales)
-
+    # ---- loop parts (the rest: varbench.msvq.FHatBackbone) ----
     def ratio(self, si: int) -> float:
         """si/(SN−1); at the last scale the previous stage's ratio (the official loop variable is stale)."""
         last = self.num_scales - 1
@@ -139,14 +112,7 @@ class HARTBackbone:
         B = cond.batch
         return HARTCond(cond.ctx[:B], cond.pos_ids[:B], cond.mask, B, B, cond.cfg)
 
-    def init_state(self, cond: HARTCond) -> HARTState:
-        last = self.model.patch_nums[-1]
-        return HARTState(torch.zeros(cond.batch, self.model.Cvae, last, last, device=self.device))
-
-    def new_kv_cache(self) -> KVCache:
-        return KVCache()
-
-    def scale_input(self, state: HARTState, cond: HARTCond, scale) -> torch.Tensor:
+    def scale_input(self, state: FHatState, cond: HARTCond, scale) -> torch.Tensor:
         m = self.model
         if scale.si == 0:
             return cond.ctx + m.lvl_embed.weight[0]
@@ -175,9 +141,6 @@ class HARTBackbone:
     def branch(self, li, name, x, pos, cond: HARTCond, kv, attn_fn, lctx) -> torch.Tensor:
         return self.model.blocks[li].branch(name, x, cos_sin=pos, kv=kv, attn_fn=attn_fn, ctx=lctx)
 
-    def after_block(self, li, x, cond, scale) -> torch.Tensor:
-        return x
-
     def head(self, h: torch.Tensor, cond: HARTCond, scale=None) -> torch.Tensor:
         """Raw logits of the sampled tokens: at scale 0 the last context position only."""
         ctx = cond.ctx[: h.shape[0]]
@@ -186,15 +149,6 @@ class HARTBackbone:
         if scale is not None and scale.si == 0:
             h = h[:, -1:]
         return self.model.logits(h, ctx)
-
-    def guide(self, logits: torch.Tensor, cond: HARTCond, scale):
-        """(cond, uncond or None, guided): guided = (1+t)·cond − t·uncond with t = cfg·ratio(si). Without the
-        uncond rows (a method dropped them) the same formula on cond alone."""
-        B, t = cond.batch, self.sampling.cfg * self.ratio(scale.si)
-        lc, lu = logits[:B], (logits[B:] if cond.rows > B else None)
-        if not cond.cfg:
-            return lc, lu, lc
-        return lc, lu, (1 + t) * lc - t * (lu if lu is not None else lc)
 
     def top_k(self, si: int) -> int:
         s = self.sampling
@@ -236,17 +190,9 @@ class HARTBackbone:
             self.diffusion_trace.append({"out_scaled": r})
         return r.reshape(rows, L, -1)[:B]
 
-    def update(self, state: HARTState, codes: HARTCodes, scale) -> HARTState:
+    def update(self, state: FHatState, codes: HARTCodes, scale) -> FHatState:
         B, SN, last = state.f_hat.shape[0], self.num_scales, self.model.patch_nums[-1]
         hw = codes.emb.transpose(1, 2).reshape(B, self.model.Cvae, scale.h, scale.w)
         if scale.si != SN - 1:
             hw = self.vae.phi(F.interpolate(hw, size=(last, last), mode="bicubic"), scale.si, SN)
-        return HARTState(state.f_hat + hw, state.idx + [codes.idx])
-
-    def decode(self, state: HARTState) -> torch.Tensor:
-        return self.vae.fhat_to_img(state.f_hat)
-
-    def preview(self, state: HARTState, si: int) -> torch.Tensor:
-        """The accumulated f_hat area-resized to scale si's grid, decoded."""
-        s = self._scales[si]
-        return self.vae.fhat_to_img(F.interpolate(state.f_hat, size=(s.h, s.w), mode="area"))
+        return FHatState(state.f_hat + hw, state.idx + [codes.idx])

@@ -9,7 +9,8 @@ official ``llm/`` checkpoint loads strictly; the code is ours. Structural differ
 * RoPE is applied from per-token cos/sin rows computed by the backbone (``positions``), so a subset of tokens
   carries its own positions; the image RoPE is HART's 2-D "naive" path (float coordinates ``i/pn·64`` offset by the
   last context position id; the two axes share one rotate_half over the head dimension);
-* the K/V cache is an explicit object owned by the loop and the attention kernel is a function argument.
+* the K/V cache is an explicit object owned by the loop (``varbench/kvcache.py``) and the attention kernel is a
+  function argument.
 
 Only the ``disable_aln=True`` / ``shared_aln=False`` / ``attn_type=llama`` / ``mlp_type=llama`` /
 ``use_cross_attn=False`` / ``use_timestep_embed=False`` branch exists (the one HART-0.7B uses, spec Part A).
@@ -17,7 +18,6 @@ Only the ``disable_aln=True`` / ``shared_aln=False`` / ``attn_type=llama`` / ``m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from varbench.attention import AttnFn, sdpa_attention
 from varbench.backbones.hart.diffusion import DiffHead
+from varbench.kvcache import KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,29 +76,6 @@ def rope_2d(coords_BL2: torch.Tensor, head_dim: int, theta: float = 10000.0) -> 
         parts += [f, f]
     emb = torch.cat(parts, dim=-1)
     return emb.cos(), emb.sin()
-
-
-@dataclass
-class KVCache:
-    """Self-attention keys/values (after l2-norm and RoPE) of one layer, [rows, H, L, c]."""
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-    def append(self, k, v):
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k, self.v = torch.cat((self.k, k), 2), torch.cat((self.v, v), 2)
-        return self.k, self.v
-
-    def keep_rows(self, n: int) -> None:
-        if self.k is not None:
-            self.k, self.v = self.k[:n], self.v[:n]
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
 
 
 class LlamaAttention(nn.Module):

@@ -6,7 +6,8 @@ Key names and order are the official ones (mit-han-lab/hart @e28a41fe ``hart/mod
 ``tokenizer/`` checkpoint loads strictly (``vae.*``; ``disc.*`` is held by :class:`Discriminator`, never run).
 
 Inference uses: the codebook (``quantize.embedding``), Phi_k(h) = (1−r)·h + r·conv3×3_k(h) with k chosen by the
-tick argmin on si/(SN−1), and ``decoder(post_quant_conv(f_hat)).clamp(−1, 1)``.
+tick argmin on si/(SN−1), and ``decoder(post_quant_conv(f_hat)).clamp(−1, 1)``. The VQVAE itself is VAR's and lives
+in ``varbench/msvq.py`` (shared with the VAR backbone); this module adds the discriminator's layout.
 """
 from __future__ import annotations
 

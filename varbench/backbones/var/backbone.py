@@ -16,16 +16,15 @@ Spec: ``shared/specs/hart_var.md`` Part B ("Sampling loop"). Official: Foundatio
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from varbench.backbones.base import BackboneSpec, label_conditions
-from varbench.backbones.var.model import KVCache, VARTransformer
+from varbench.backbones.var.model import VARTransformer
 from varbench.errors import UserError
-from varbench.msvq import VQVAE
+from varbench.msvq import VQVAE, FHatBackbone, FHatState, Scale
 from varbench.sampling import draw, soft_embedding, top_k_top_p
 
 
@@ -44,15 +43,6 @@ class VARSampling:
             raise UserError(f"model.sampling: top_k must be >= 0 and top_p in [0, 1], got {self.top_k}, {self.top_p}")
 
 
-@dataclass(frozen=True)
-class VARScale:
-    si: int
-    h: int
-    w: int
-    n: int
-    rule_w: int = 0
-
-
 @dataclass
 class VARCond:
     labels: torch.Tensor       # [rows] class labels (uncond rows: num_classes)
@@ -69,13 +59,7 @@ class VARCodes:
     emb: torch.Tensor          # [B, l, Cvae] what enters f_hat (codebook[idx] or the soft embedding)
 
 
-@dataclass
-class VARState:
-    f_hat: torch.Tensor                                   # [B, Cvae, last, last]
-    idx: list = field(default_factory=list)               # sampled indices per scale [B, l]
-
-
-class VARBackbone:
+class VARBackbone(FHatBackbone):
     """VAR transformer + VQVAE + sampling settings."""
 
     def __init__(self, transformer: VARTransformer, vae: VQVAE, sampling: VARSampling, rule_widths=None,
@@ -90,27 +74,11 @@ class VARBackbone:
         if rule_widths is not None and len(rule_widths) != len(pns):
             raise UserError(f"model.rule_widths has {len(rule_widths)} entries for {len(pns)} scales")
         rw = list(rule_widths) if rule_widths is not None else list(pns)
-        self._scales = [VARScale(si, p, p, p * p, int(rw[si])) for si, p in enumerate(pns)]
+        self._scales = [Scale(si, p, p, p * p, int(rw[si])) for si, p in enumerate(pns)]
         self.forced_idx: list | None = None        # replay recorded indices instead of sampling (fixture checks)
         self.record_logits: dict | None = None     # when a dict: si -> raw head logits of the scale (all rows)
 
-    # ---- loop parts ----
-    def scales(self):
-        return self._scales
-
-    @property
-    def num_scales(self) -> int:
-        return len(self._scales)
-
-    def precision(self):
-        if self.dtype in ("fp16", "bf16") and self.device.type == "cuda":  # official demo: fp16 autocast
-            return torch.autocast("cuda", dtype=torch.float16 if self.dtype == "fp16" else torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def ratio(self, si: int) -> float:
-        last = self.num_scales - 1
-        return si / last if last > 0 else 0.0
-
+    # ---- loop parts (the rest: varbench.msvq.FHatBackbone) ----
     def condition(self, conditions: list) -> VARCond:
         labels = torch.tensor(label_conditions(conditions, self.model.num_classes, self.name), device=self.device)
         B, use_cfg = labels.shape[0], self.sampling.cfg != 0
@@ -126,14 +94,7 @@ class VARBackbone:
         B = cond.batch
         return VARCond(cond.labels[:B], cond.cond_BD[:B], [a[:B] for a in cond.ada], B, B, cond.cfg)
 
-    def init_state(self, cond: VARCond) -> VARState:
-        last = self.model.patch_nums[-1]
-        return VARState(torch.zeros(cond.batch, self.model.Cvae, last, last, device=self.device))
-
-    def new_kv_cache(self) -> KVCache:
-        return KVCache()
-
-    def scale_input(self, state: VARState, cond: VARCond, scale) -> torch.Tensor:
+    def scale_input(self, state: FHatState, cond: VARCond, scale) -> torch.Tensor:
         if scale.si == 0:
             return self.model.first_input(cond.cond_BD)
         z = F.interpolate(state.f_hat, size=(scale.h, scale.w), mode="area")
@@ -148,23 +109,11 @@ class VARBackbone:
     def branch(self, li, name, x, pos, cond: VARCond, kv, attn_fn, lctx) -> torch.Tensor:
         return self.model.blocks[li].branch(name, x, cond.ada[li][: x.shape[0]], kv=kv, attn_fn=attn_fn, ctx=lctx)
 
-    def after_block(self, li, x, cond, scale) -> torch.Tensor:
-        return x
-
     def head(self, h: torch.Tensor, cond: VARCond, scale=None) -> torch.Tensor:
         out = self.model.logits(h, cond.cond_BD[: h.shape[0]])
         if self.record_logits is not None and scale is not None:
             self.record_logits[scale.si] = out
         return out
-
-    def guide(self, logits: torch.Tensor, cond: VARCond, scale):
-        """(cond, uncond or None, guided): guided = (1+t)·cond − t·uncond with t = cfg·si/(SN−1). Without the
-        uncond rows (a method dropped them) the same formula on cond alone."""
-        B, t = cond.batch, self.sampling.cfg * self.ratio(scale.si)
-        lc, lu = logits[:B], (logits[B:] if cond.rows > B else None)
-        if not cond.cfg:
-            return lc, lu, lc
-        return lc, lu, (1 + t) * lc - t * (lu if lu is not None else lc)
 
     def sample(self, logits, h, cond: VARCond, scale, rng) -> VARCodes:
         si, B = scale.si, cond.batch
@@ -177,15 +126,7 @@ class VARBackbone:
         emb = soft_embedding(x, self.ratio(si), emb_w, rng) if self.sampling.more_smooth else F.embedding(idx, emb_w)
         return VARCodes(idx, emb)
 
-    def update(self, state: VARState, codes: VARCodes, scale) -> VARState:
+    def update(self, state: FHatState, codes: VARCodes, scale) -> FHatState:
         B, last = state.f_hat.shape[0], self.model.patch_nums[-1]
         hw = codes.emb.transpose(1, 2).reshape(B, self.model.Cvae, scale.h, scale.w)
-        return VARState(state.f_hat + self.vae._up(hw, scale.si, self.num_scales, last), state.idx + [codes.idx])
-
-    def decode(self, state: VARState) -> torch.Tensor:
-        return self.vae.fhat_to_img(state.f_hat)
-
-    def preview(self, state: VARState, si: int) -> torch.Tensor:
-        """The accumulated f_hat area-resized to scale si's grid, decoded."""
-        s = self._scales[si]
-        return self.vae.fhat_to_img(F.interpolate(state.f_hat, size=(s.h, s.w), mode="area"))
+        return FHatState(state.f_hat + self.vae._up(hw, scale.si, self.num_scales, last), state.idx + [codes.idx])

@@ -17,36 +17,13 @@ and HART):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from varbench.attention import AttnFn, sdpa_attention
-
-
-@dataclass
-class KVCache:
-    """Self-attention keys (after l2-norm) and values of one layer, [rows, H, L, c]."""
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-    def append(self, k, v):
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k, self.v = torch.cat((self.k, k), 2), torch.cat((self.v, v), 2)
-        return self.k, self.v
-
-    def keep_rows(self, n: int) -> None:
-        if self.k is not None:
-            self.k, self.v = self.k[:n], self.v[:n]
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+from varbench.kvcache import KVCache
 
 
 class SelfAttention(nn.Module):
