@@ -221,3 +221,18 @@ def test_paper_points_are_the_papers_rows():
     assert rows and [(p["label"], p["speedup"], p["quality"]) for p in pts] == \
         [(r["method"], float(r["speedup"]), float(r["geneval_overall"])) for r in rows]
     assert B.Builder.paper_points("tiny", "geneval_overall") == []
+
+
+def test_a_run_gone_from_the_store_leaves_no_page(results):
+    out = build(results, progress=False)["out"]
+    (out / "notes.txt").write_text("mine")               # not the report's: never touched
+    assert list(out.glob("run-*fastvar*.html")) and list(out.glob("img/*fastvar*/*.png"))
+    rows = store.rows_path(results)
+    rows.write_text("".join(ln + "\n" for ln in rows.read_text().splitlines() if '"fastvar"' not in ln))
+    res = build(results, progress=False)
+    assert res["removed"] > 0
+    assert not list(out.glob("run-*fastvar*")) and not list(out.glob("img/*fastvar*"))
+    assert not list(out.glob("plots/*fastvar*"))
+    assert not [r for p in out.glob("*.html") for r in parse(p).refs if "fastvar" in r]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert build(results, progress=False)["written"] == 0

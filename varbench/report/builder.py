@@ -218,7 +218,8 @@ class Builder:
         self.n_prompts, self.prompts, self.progress = n_prompts, prompts, progress
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                                       undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-        self.stats = {"written": 0, "unchanged": 0}
+        self.stats = {"written": 0, "unchanged": 0, "removed": 0}
+        self.produced: set[str] = set()     # every file this build wrote or found up to date (the rest is stale)
         self.cache = self._load_cache()
 
     # -- incremental writes
@@ -231,6 +232,7 @@ class Builder:
 
     def write_text(self, name: str, text: str) -> None:
         p = self.out / name
+        self.produced.add(name)
         if p.is_file() and p.read_text() == text:
             self.stats["unchanged"] += 1
             return
@@ -242,6 +244,7 @@ class Builder:
         key = hashlib.sha256((VERSION + json.dumps(data, sort_keys=True, default=str)).encode()).hexdigest()
         files = [f"plots/{stem}.png", f"plots/{stem}.svg"]
         figs = self.cache.setdefault("figures", {})
+        self.produced.update(files)
         if figs.get(stem) == key and all((self.out / f).is_file() for f in files):
             self.stats["unchanged"] += 2
         else:
@@ -257,6 +260,7 @@ class Builder:
             return None
         name = f"img/{run.slug}/{rel}"
         dst = self.out / name
+        self.produced.add(name)
         st = src.stat()
         if dst.is_file() and dst.stat().st_size == st.st_size and dst.stat().st_mtime_ns == st.st_mtime_ns:
             self.stats["unchanged"] += 1
@@ -273,6 +277,21 @@ class Builder:
         if key not in cache:
             cache[key] = min(psnr_ssim(load_rgb(a), load_rgb(b))[0], PSNR_CAP)
         return cache[key]
+
+    def remove_stale(self) -> None:
+        """Delete what an earlier build wrote and this one did not (a run gone from the store, a renamed figure):
+        only the report's own kinds of files (pages, plots/, img/), never anything else in the folder."""
+        old = [p for p in self.out.glob("*.html") if p.name.startswith(("run-", "bench-"))]
+        old += [p for d in ("plots", "img") for p in (self.out / d).rglob("*") if p.is_file()]
+        for p in old:
+            if str(p.relative_to(self.out)) not in self.produced:
+                p.unlink()
+                self.stats["removed"] += 1
+        for d in sorted((p for p in (self.out / "img").rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(d.iterdir()):
+                d.rmdir()
+        live = {Path(f).name.rsplit(".", 1)[0] for f in self.produced if f.startswith("plots/")}
+        self.cache["figures"] = {k: v for k, v in self.cache.get("figures", {}).items() if k in live}
 
     def render(self, template: str, name: str, **ctx) -> None:
         self.write_text(name, self.env.get_template(template).render(**ctx))
@@ -301,6 +320,7 @@ class Builder:
             else:
                 self.index_page(df, pages, bench_summaries)
         bar.close()
+        self.remove_stale()
         atomic_write_text(self.out / CACHE, json.dumps(self.cache, sort_keys=True))
         return {"out": self.out, "index": self.out / "index.html", "pages": 1 + len(groups) + len(pages)} | self.stats
 

@@ -44,5 +44,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"varbench report: error: {e}", file=sys.stderr)
         return 2
     print(f"[varbench] report: {res['index']} ({res['pages']} pages; {res['written']} files written, "
-          f"{res['unchanged']} unchanged)")
+          f"{res['unchanged']} unchanged, {res['removed']} stale removed)")
     return 0
