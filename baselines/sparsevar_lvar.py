@@ -35,6 +35,11 @@ Quirks of that code, each an option, on by default (``False`` = what the line ev
     there. Off: per-token zeroing per image for any batch.
   * ``quirk_zero_k_keeps_all`` (:576): ``[:, -int(N·N·r):]`` with ``int(...) == 0`` keeps every token (only when the
     MSE map is all zero). Off: keep none of the top-k (anchors may still be merged).
+  * ``quirk_area_downsample`` (:824; not in the spec's walk-through): the next scale's input is the accumulated codes
+    resized with ``z_interplote_down`` = ``'area'`` (models/vae/mutiscale_bsq.py:532), at EVERY scale, where Lvar's
+    Infinity and its other methods use ``z_interplote_up`` = trilinear (infinity_model.py:700, fastvar_model.py:662,
+    sparvar_model.py:677), as our backbone does. So the images differ from ``none`` even where nothing is pruned.
+    Mapped to ``ScalePlan.input_resize``. Off: the backbone's trilinear.
   * ``quirk_corner_gather`` (:56-57; not in the spec's walk-through, found by running the function): the 4 nearest
     anchors are sorted out (:55) but gathered along dim 1, the position axis of ``anchor_indices`` expanded over
     positions, so every token's candidates are the first 4 anchors of the list — (0, 0), (0, s), (0, 2s), (0, 3s) —
@@ -81,6 +86,7 @@ class SparseVARLvarConfig(MethodConfig):
     quirk_codes_view: bool = True            # :818
     quirk_zero_k_keeps_all: bool = True      # :576
     quirk_corner_gather: bool = True         # :56-57
+    quirk_area_downsample: bool = True       # :824
 
     def __post_init__(self):
         if int(self.start_prune_stage) < 1:
@@ -184,7 +190,7 @@ class SparseVARLvar(Method):
     FOOTNOTE = ("SparseVAR as Weepingchestnut/Lvar implements it (its quirks included); neither this nor `sparsevar` "
                 "is the SparseVAR authors' code, which is unreleased.")
     Config = SparseVARLvarConfig
-    NOOP = {"start_prune_stage": 1_000_000}
+    NOOP = {"start_prune_stage": 1_000_000, "quirk_area_downsample": False}
     FAMILIES = ("infinity",)
     batch_rectangular = False   # decisions couple the images of a batch (:770, :596); Lvar itself runs batch 1
     cfg: SparseVARLvarConfig
@@ -206,7 +212,7 @@ class SparseVARLvar(Method):
                             f"codes as (1, 32, -1), which raises for batch > 1); generate one prompt at a time or "
                             f"set quirk_codes_view=false (per-image code zeroing)")
         self.plan = None
-        return ScalePlan()
+        return ScalePlan(input_resize="area" if self.cfg.quirk_area_downsample else None)
 
     def lf_anchor(self, hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """:551-607 on the stored previous-scale MSE map and guided logits. Returns (keep, low, recover, anchor)."""
@@ -304,6 +310,8 @@ class SparseVARLvar(Method):
 
     def check_schedule(self, schedule) -> str | None:
         if len(schedule) <= self.cfg.start_prune_stage:
+            what = ("prunes nothing (only the area-resized scale inputs, quirk_area_downsample, differ from the "
+                    "backbone's)" if self.cfg.quirk_area_downsample else "changes nothing")
             return (f"{self.name}: prunes from scale index {self.cfg.start_prune_stage} but this schedule has "
-                    f"{len(schedule)} scales: it changes nothing (as Lvar's code on the 0.25M schedule)")
+                    f"{len(schedule)} scales: it {what}, as Lvar's code on the 0.25M schedule")
         return None

@@ -341,19 +341,24 @@ def test_start_stage(tiny, start):
     assert [r["si"] for r in out.method_summary["sparsevar_lvar_scales"]] == list(range(start, S))
 
 
-def test_short_schedule_is_unchanged_and_warned(tiny_backbone):
+def test_short_schedule_prunes_nothing_and_says_so(tiny_backbone):
+    """0.25M: 10 scales, start 10: nothing pruned; the images differ from ``none`` only through the area-resized
+    inputs (:824), so with that quirk off they are the baseline's."""
     m = SparseVARLvar()
-    assert "changes nothing" in m.check_schedule(tiny_backbone.scales())   # 0.25M: 10 scales, start 10
+    assert "prunes nothing" in m.check_schedule(tiny_backbone.scales())
     a, b = _run(tiny_backbone, m), _run(tiny_backbone, Method())
-    assert torch.equal(a.images, b.images)
+    assert not m.claims and a.record.tokens == b.record.tokens and not torch.equal(a.images, b.images)
+    m = SparseVARLvar(SparseVARLvarConfig(quirk_area_downsample=False))
+    assert "changes nothing" in m.check_schedule(tiny_backbone.scales())
+    assert torch.equal(_run(tiny_backbone, m).images, b.images)
 
 
-def lvar_reference(bb, prompt, seed, start=10, thr=0.6, window=4, beta=0.8, chunk=(1, 1), nearest=False):
+def lvar_reference(bb, prompt, seed, start=10, thr=0.6, window=4, beta=0.8, chunk=(1, 1), nearest=False, area=True):
     """Lvar's scale loop (:707-831) on our backbone's parts, batch 1: the kept rows gathered once after the level
     embedding and run through every block; the chunk's MSE on the full map with the chunk-0 input elsewhere; after
     the last block the outputs scattered into the chunk-0 input and recoverable rows copied from their anchor; the
     codes of the others zeroed. Quirks as the code runs (no permute, N-1 anchor always, no anchor merge at B = 1,
-    candidates = the first 4 anchors; ``nearest``: the 4 nearest instead)."""
+    candidates = the first 4 anchors; ``nearest``: the 4 nearest instead; every next-scale input area-resized)."""
     rng = torch.Generator().manual_seed(seed)
     D, scales = bb.spec.depth, bb.scales()
     schedule = tuple(ScaleInfo.of(s) for s in scales)
@@ -366,7 +371,12 @@ def lvar_reference(bb, prompt, seed, start=10, thr=0.6, window=4, beta=0.8, chun
         for scale in scales:
             si, N = scale.si, scale.h
             sc = ScaleCtx(si, len(scales), (N, N), cond.rows, cond.batch, bb.spec, schedule, scale.w)
-            x = bb.scale_input(state, cond, scale)
+            if si == 0 or not area:
+                x = bb.scale_input(state, cond, scale)
+            else:   # :824 — the accumulated codes area-resized to this grid (Lvar's Infinity: trilinear, :700)
+                z = F.interpolate(state.summed, size=(1, *bb.vae_hws[si]), mode="area").squeeze(2)
+                x = bb.model.word_embed(z.reshape(*z.shape[:2], -1).transpose(1, 2).float())
+                x = x.repeat(cond.rows // cond.batch, 1, 1) + bb.model.lvl_embed.weight[si]
             pos = bb.positions(cond, scale)
             pruned = si >= start
             if pruned:
@@ -438,11 +448,11 @@ def lvar_reference(bb, prompt, seed, start=10, thr=0.6, window=4, beta=0.8, chun
         return bb.decode(state).float()
 
 
-@pytest.mark.parametrize("start,nearest", [(9, False), (10, False), (9, True)])
-def test_equals_the_lvar_loop_written_out(tiny, start, nearest):
+@pytest.mark.parametrize("start,nearest,area", [(9, False, True), (10, False, True), (9, True, True), (10, False, False)])
+def test_equals_the_lvar_loop_written_out(tiny, start, nearest, area):
     """depth 4, block_chunks 8 (Lvar's): chunk 3 = block 1."""
-    ref = lvar_reference(tiny, "two green circles", 0, start=start, nearest=nearest)
-    out = _run_cfg(tiny, start_prune_stage=start, quirk_corner_gather=not nearest)
+    ref = lvar_reference(tiny, "two green circles", 0, start=start, nearest=nearest, area=area)
+    out = _run_cfg(tiny, start_prune_stage=start, quirk_corner_gather=not nearest, quirk_area_downsample=area)
     assert torch.equal(out, ref)
     assert not torch.equal(out, _run_cfg(tiny, method="none"))
 
@@ -466,7 +476,7 @@ def test_infinity_update_zero_sets_those_codes_to_zero(tiny):
 
 @pytest.mark.parametrize("quirk,extra", [
     ("quirk_beta_not_passed", {}), ("quirk_logits_no_permute", {}), ("quirk_b1_no_anchor_merge", {}),
-    ("quirk_corner_gather", {}),
+    ("quirk_corner_gather", {}), ("quirk_area_downsample", {}),
     # with the first-4 candidates and no merge, the anchor list matters only through its first 4 entries: on the
     # 12x12 grid (window 4) they are (0,0) (0,4) (0,8) (0,11) as written, (0,0) (0,4) (0,8) (4,0) as meant
     ("quirk_anchor_mod", {}), ("quirk_anchor_mod", {"local_window_size": 3, "quirk_corner_gather": False})])

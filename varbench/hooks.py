@@ -58,6 +58,8 @@ class MethodConfig:
 class ScalePlan:
     skip: bool = False        # do not compute this scale (its codes are not added; decoding still happens)
     cond_only: bool = False   # drop the unconditional CFG branch from this scale on (rows, caches sliced)
+    input_resize: str | None = None   # resize of the accumulated codes to this grid: None = the backbone's own;
+                                      # an F.interpolate mode (SparseVAR-Lvar: "area"), for backbones that take it
 
 
 @dataclass

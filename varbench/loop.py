@@ -167,7 +167,8 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
                 sctx.rows = cond.rows
             rec.rows.append(cond.rows)
             with prange("vb.sample.input"):
-                x = backbone.scale_input(state, cond, scale)
+                x = (backbone.scale_input(state, cond, scale) if plan.input_resize is None
+                     else backbone.scale_input(state, cond, scale, resize=plan.input_resize))
                 pos = backbone.positions(cond, scale)
             tokens, keys, kvrec = [], [], ([], [], [])
             mem.held = tensor_bytes(cond, state)

@@ -137,15 +137,16 @@ class InfinityBackbone:
     def new_kv_cache(self) -> KVCache:
         return KVCache(capacity=self.schedule.total_tokens)  # preallocated for the whole schedule
 
-    def scale_input(self, state: InfinityState, cond: InfinityCond, scale) -> torch.Tensor:
+    def scale_input(self, state: InfinityState, cond: InfinityCond, scale, resize: str = "trilinear") -> torch.Tensor:
         """Scale 0: sos + pos_start. Later: word_embed(trilinear resize of the accumulated codes), both CFG
-        halves alike (trilinear also when downsampling, spec pitfall 2). Level embedding added (spec §4)."""
+        halves alike (trilinear also when downsampling, spec pitfall 2). Level embedding added (spec §4).
+        ``resize``: another ``F.interpolate`` mode, asked for by a method (``ScalePlan.input_resize``)."""
         m = self.model
         if scale.si == 0:
             x = cond.sos[:, None, :] + m.pos_start
         else:
             if torch.is_tensor(state.summed):
-                z = F.interpolate(state.summed, size=(1, *self.vae_hws[scale.si]), mode="trilinear").squeeze(2)
+                z = F.interpolate(state.summed, size=(1, *self.vae_hws[scale.si]), mode=resize).squeeze(2)
             else:  # every earlier scale was skipped: nothing accumulated yet
                 z = torch.zeros(cond.batch, self.vae.codebook_dim, *self.vae_hws[scale.si], device=self.device)
             if self.patchify:
