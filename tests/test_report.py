@@ -236,3 +236,16 @@ def test_a_run_gone_from_the_store_leaves_no_page(results):
     assert not [r for p in out.glob("*.html") for r in parse(p).refs if "fastvar" in r]
     assert (out / "notes.txt").read_text() == "mine"
     assert build(results, progress=False)["written"] == 0
+
+
+def test_bench_page_of_a_paper_model_has_the_papers_rows(tmp_path):
+    root = tmp_path / "results"
+    store.append_rows(root, [{"run": "runs/infinity_2b/geneval/nova/default", "model": "infinity_2b",
+                              "method": "nova", "family": "nova", "bench": "geneval", "overrides": "default",
+                              "metric": m, "value": v, "n": 553, "device": "NVIDIA H100"}
+                             for m, v in (("speedup", 2.0), ("geneval_overall", 0.7123))])
+    out = build(root, progress=False)["out"]
+    page = next(out.glob("bench-infinity_2b-geneval-*.html")).read_text()
+    assert "Table 1: GenEval and DPG-Bench" in page and "0.71 / " in page     # ours / paper at the paper's decimals
+    assert "measured on: NVIDIA H100" in page
+    assert "<td>hart_0.7b</td>" not in page                                    # only this model's rows

@@ -110,8 +110,16 @@ def runs_table(title: str, w, md: str, pages: dict[str, str]) -> Table:
     return Table(title, head, out, notes)
 
 
-def paper_table(n: int, df) -> Table:
+def paper_table(n: int, df, model: str | None = None) -> Table:
+    """``paper.render(n, df)`` in cells (only ``model``'s rows if given), with a note naming the devices our numbers
+    for the table's models were measured on (the papers' are the papers' GPUs)."""
     title, head, rows, notes = split_markdown(paper.render(n, df))
+    rows = [c for c in rows if model is None or c[0] == model]
+    models = {c[0] for c in rows}
+    mine = [c for c in rows if any(not x.startswith("—") for x in c[2:])]
+    devices = sorted({d for d in df[df.model.isin(models)]["device"] if isinstance(d, str)}) if mine else []
+    if devices:
+        notes = notes + [f"our numbers in this table were measured on: {', '.join(devices)}"]
     return Table(title, head, [{"cells": [Cell(t, h if i >= 2 else None) for i, (t, h) in
                                           enumerate(zip(cells, head))], "run": None, "run_key": None, "device": ""}
                                for cells in rows], notes, kind="paper")
@@ -341,8 +349,9 @@ class Builder:
         ref = self.reference(ordered)
         plots = self.pareto_plots(w, model, bench, ordered, quality)
         grid = self.grid(ordered, ref)
+        ptables = [t for t in (paper_table(n, df, model) for n in sorted(paper.TABLES)) if t.rows]
         self.render("bench.html", name, title=f"{model} / {bench}", table=table, plots=plots, grid=grid,
-                    ref=ref.label if ref else None, model=model, bench=bench)
+                    ref=ref.label if ref else None, model=model, bench=bench, paper_tables=ptables)
         return {"model": model, "bench": bench, "page": name, "runs": len(ordered),
                 "methods": ", ".join(dict.fromkeys(r.method for r in ordered)), "plot": plots[0] if plots else None}
 
