@@ -249,3 +249,27 @@ def test_bench_page_of_a_paper_model_has_the_papers_rows(tmp_path):
     assert "Table 1: GenEval and DPG-Bench" in page and "0.71 / " in page     # ours / paper at the paper's decimals
     assert "measured on: NVIDIA H100" in page
     assert "<td>hart_0.7b</td>" not in page                                    # only this model's rows
+
+
+def test_toprovar_and_sparvar_figures_from_their_summaries(tmp_path):
+    """The summaries as baselines/toprovar.py and baselines/sparvar.py write them (summary())."""
+    root = tmp_path / "results"
+    make_run(root, "none", "default", {}, 0, {"latency_s": 0.5, "speedup": 1.0})
+    run = make_run(root, "toprovar", "default", {"family": "toprovar"}, 2, {"latency_s": 0.4, "speedup": 1.25})
+    spv = make_run(root, "sparvar", "default", {"family": "sparvar"}, 2, {"latency_s": 0.4, "speedup": 1.25})
+    for r, summ in ((run, [{"D": 2, "rho": {"0": 0.1, "1": 0.3, "2": 0.8}, "varrho": [0.2, 0.4], "R": [0.5, 0.9],
+                            "kept": {"2": [8, 4]}, "pruned_tokens": 4, "skipped_scales": []},
+                           {"D": None, "rho": {"0": 0.1, "1": 0.2, "2": 0.3}, "varrho": [], "R": None}]),
+                    (spv, [{"kernels": {"csla": "reference"}, "csla_tile_density": {"1": 0.5, "2": 0.25}},
+                           {"kernels": {"csla": "reference"}, "csla_tile_density": {"2": 0.75}}])):
+        f = root / r / "records.jsonl"
+        recs = [json.loads(ln) for ln in f.read_text().splitlines()]
+        for rec, s in zip(recs, summ):
+            rec["method_summary"] = s
+        f.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    out = build(root, progress=False)["out"]
+    top = next(out.glob("run-*toprovar*.html")).read_text()
+    assert re.search(r'src="plots/[^"]*-toprovar\.png"', top) and "ρ per scale" in top
+    sp = next(out.glob("run-*sparvar*.html")).read_text()
+    assert re.search(r'src="plots/[^"]*-sparvar\.png"', sp)
+    assert B._mean_dict([s["csla_tile_density"] for s in summ]) == {1: 0.5, 2: 0.5}
