@@ -170,7 +170,7 @@ class ScaleKV(Method):
                 "attention sees the kept keys")
     Config = ScaleKVConfig
     NOOP = {"enabled": False}
-    FAMILIES = ("infinity",)
+    FAMILIES = None     # the hook is the loop's, any backbone; the authors' budget files are for Infinity-2B/8B
     cfg: ScaleKVConfig
 
     def __init__(self, cfg: ScaleKVConfig | None = None):

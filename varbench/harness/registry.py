@@ -31,10 +31,11 @@ from varbench.errors import UserError, did_you_mean
 from varbench.harness.config import RunConfig
 from varbench.hooks import Method
 from varbench.resources import REPO
+from varbench.stack import Stack
 
 GROUPS = {"method": "varbench.methods", "backbone family": "varbench.backbones", "metric": "varbench.metrics",
           "prompt source": "varbench.sources"}
-BUILTIN = {"varbench.methods": {"none": Method}}
+BUILTIN = {"varbench.methods": {"none": Method, "stack": Stack}}   # stack: members built by build_method
 
 
 @functools.cache
@@ -104,6 +105,8 @@ def build_method(node: dict) -> Method:
         raise UserError(f"method {family!r} has no option {unknown[0]!r}{did_you_mean(unknown[0], known)}; "
                         f"options: {', '.join(sorted(known - {'name', 'family', 'footnote'}))}")
     try:
+        if issubclass(cls, Stack):     # its members are built here, by name (core code imports no plug-in)
+            return cls(cls.Config(**node), build=build_method)
         return cls(cls.Config(**node))
     except TypeError as e:
         raise UserError(f"bad options for method {family!r}: {e}") from None
