@@ -20,4 +20,5 @@ PROMPT_SOURCES = {
     "dpg_bench": "eval.datasets:dpg_bench",
     "hpsv2": "eval.datasets:hpsv2",
     "mjhq30k": "eval.datasets:mjhq30k",
+    "imagenet": "eval.imagenet:imagenet",
 }

@@ -25,6 +25,9 @@ from eval import imagenet as im
 from varbench.bench.layouts import finalize, image_format, imagenet_order, relpath
 from varbench.errors import UserError
 from varbench.harness.registry import build_backbone
+from varbench.harness.rundir import RunDir, Shard
+from varbench.harness.runner import bench_items, generate_items
+from varbench.hooks import Method
 from varbench.io import to_uint8
 from varbench.loop import generate
 
@@ -480,6 +483,26 @@ def test_per_class_seeds_make_images_independent_of_sharding_and_batching():
         assert all(torch.equal(a, b) for a, b in zip(idx, batched[i][0])), i
         assert (img - batched[i][1]).abs().max() <= 1, i
     assert not torch.equal(single[8][1], single[10][1])
+
+
+@pytest.mark.slow
+def test_the_runner_gives_each_item_its_class_and_seed_whatever_the_shards_and_batches(tmp_path):
+    """The runner's own items (Item.label, seed = run seed + c*samples_per_class + k) and generate_items: two shards
+    with batches of 2 write the images of one unsharded batch-1 run (pixels up to batched-kernel rounding)."""
+    bench = _bench(num_classes=10, samples_per_class=2)
+    items = bench_items(bench, 100, im.imagenet(bench)[8:12])        # classes 8, 9 (k=0), 0, 1 (k=1)
+    assert [(it.label, it.condition, it.prompt) for it in items[:2]] == [(8, 8, "class 8"), (9, 9, "class 9")]
+    assert [it.seed for it in items] == [100 + 8 * 2, 100 + 9 * 2, 100 + 1, 100 + 3]
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/var_tiny_random.yaml"), resolve=True)
+    bb = build_backbone(cfg, "cpu", "fp32")
+    generate_items(bb, Method(), items, RunDir(tmp_path / "whole", Shard(0, 1)), bench, 1, progress=False)
+    for k in range(2):
+        generate_items(bb, Method(), items, RunDir(tmp_path / "sharded", Shard(k, 2)), bench, 2, progress=False)
+    for it in items:
+        a = np.asarray(Image.open(tmp_path / "whole/images" / it.relpath), np.int16)
+        b = np.asarray(Image.open(tmp_path / "sharded/images" / it.relpath), np.int16)
+        assert np.abs(a - b).max() <= 1, it.relpath
+    assert (tmp_path / "whole/images/samples.npz").exists() is False      # finalize is the stage's, not generate_items'
 
 
 # ------------------------------------------------------------------ tables: the stand-in footnote

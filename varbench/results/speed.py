@@ -30,6 +30,18 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def memory_metrics(recs: list[dict]) -> dict[str, tuple[float, int]]:
+    """``kv_mb``: the most KV-cache bytes held at once (all layers; records' ``kv_peak_bytes``), max over images, MiB;
+    ``peak_mb``: ``peak_memory_bytes`` (GPU: the allocator's peak; CPU: the bytes of the tensors the loop holds at
+    once, varbench/records.py), max over images, MiB. Records written before these fields existed give neither."""
+    out = {}
+    for metric, key in (("kv_mb", "kv_peak_bytes"), ("peak_mb", "peak_memory_bytes")):
+        vals = [r[key] for r in recs if r.get(key) and (key != "peak_memory_bytes" or "kv_peak_bytes" in r)]
+        if vals and len(vals) == len(recs):
+            out[metric] = (max(vals) / 2**20, len(vals))
+    return out
+
+
 def run_metrics(recs: dict[int, dict], spec: BackboneSpec, ref: dict[int, dict] | None = None,
                 image_dir: Path | None = None, ref_dir: Path | None = None) -> dict[str, tuple[float, int]]:
     """metric -> (value, n). ``recs``/``ref``: index -> per-image record (records.jsonl)."""
@@ -38,6 +50,7 @@ def run_metrics(recs: dict[int, dict], spec: BackboneSpec, ref: dict[int, dict] 
            "peak_mem_gb": (max(recs[i]["peak_memory_bytes"] for i in idx) / 2**30, len(idx))}
     flops = {i: generation_flops(recs[i], spec) for i in idx}
     out["gflops"] = (_mean(list(flops.values())) / 1e9, len(idx))
+    out.update(memory_metrics([recs[i] for i in idx]))
     if ref is None:
         return out
     # speed compares images made on the same device (rows from mixed devices would divide unrelated timings)
