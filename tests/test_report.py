@@ -273,3 +273,15 @@ def test_toprovar_and_sparvar_figures_from_their_summaries(tmp_path):
     sp = next(out.glob("run-*sparvar*.html")).read_text()
     assert re.search(r'src="plots/[^"]*-sparvar\.png"', sp)
     assert B._mean_dict([s["csla_tile_density"] for s in summ]) == {1: 0.5, 2: 0.5}
+
+
+def test_varbench_report_dispatches_before_hydra(results, tmp_path, capsys):
+    from varbench.harness.cli import main as varbench_main
+
+    with pytest.raises(SystemExit) as e:
+        varbench_main(["report", "--root", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "results root" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        varbench_main(["report", "--root", str(results), "--out", str(tmp_path / "site"), "--no-progress"])
+    assert e.value.code == 0 and (tmp_path / "site" / "index.html").is_file()
+    assert "stale removed" in capsys.readouterr().out
