@@ -26,7 +26,24 @@ _RATIO_TO_HWS: dict[float, list[tuple[int, int]]] = {
     2.500: [(1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16), (50, 20), (65, 26), (80, 32), (100, 40)],
     3.000: [(1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18), (72, 24), (90, 30), (111, 37)],
 }
-PN_TO_NUM_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+PN_TO_NUM_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13, "2M": 14, "4M": 15}
+# Beyond '1M': OUR EXTRAPOLATION, not Infinity's. The official table (dynamic_resolution.py) lists 13 grids per
+# template and its presets are prefixes of them (7, 10, 12, 13 scales); nothing was trained above 1024². '2M' appends
+# one grid with sides x√2 of the template's last, '4M' two (x√2, x2), rounded to even sides (1:1: 64 -> 90 -> 128,
+# 1440² and 2048² px); the model's 15 level embeddings cover 15 scales. RoPE positions stay normalised to the
+# template's '1M' grid (mode 2, spec §5), so a finer grid interpolates positions inside the trained range instead
+# of extrapolating them. Use them to measure memory (ScaleKV, NOVA: "2K on a 24 GB GPU"), not to claim image quality.
+EXTRAPOLATED_PN = ("2M", "4M")
+
+
+def extrapolated_hws(hws: list[tuple[int, int]], extra: int) -> list[tuple[int, int]]:
+    """``hws`` followed by ``extra`` grids, the k-th with sides √2^k times the last's, rounded to even."""
+    h, w = hws[-1]
+    out = list(hws)
+    for k in range(1, extra + 1):
+        f = 2 ** (k / 2)
+        out.append((2 * round(h * f / 2), 2 * round(w * f / 2)))
+    return out
 
 
 def _all_templates() -> dict[float, list[tuple[int, int]]]:
@@ -97,11 +114,14 @@ def nearest_template(h_div_w: float) -> float:
 
 
 def get_schedule(h_div_w: float = 1.0, pn: str = "1M") -> Schedule:
-    """Official schedule for an aspect ratio (nearest template, as the official scripts do) and a preset."""
+    """Official schedule for an aspect ratio (nearest template, as the official scripts do) and a preset
+    ('2M'/'4M': our extrapolation beyond the official table, see ``EXTRAPOLATED_PN``)."""
     if pn not in PN_TO_NUM_SCALES:
         raise ValueError(f"unknown pn {pn!r}; expected one of {sorted(PN_TO_NUM_SCALES)}")
     t = nearest_template(h_div_w)
-    return Schedule(t, pn, tuple(TEMPLATES[t][: PN_TO_NUM_SCALES[pn]]))
+    n = PN_TO_NUM_SCALES[pn]
+    return Schedule(t, pn, tuple(extrapolated_hws(TEMPLATES[t], n - len(TEMPLATES[t]))
+                                 if n > len(TEMPLATES[t]) else TEMPLATES[t][:n]))
 
 
 def custom_schedule(hws, rule_widths=None) -> Schedule:
