@@ -2,7 +2,8 @@
 :class:`~varbench.backbones.base.BackboneSpec` (stored in each run's ``meta.json``: scoring never loads a model).
 
 Counted (multiply-add = 2 FLOPs), per batch row: for each (scale, layer) with K computed tokens and Lk keys attended
-per query (``attn_keys`` when a sparse kernel reported them, else the whole cache),
+per query (``attn_keys`` when a sparse kernel reported them, else the whole cache as the scale attended it: ``kv_len``,
+which counts only the keys a ``compress_kv`` method kept from earlier scales, plus this scale's),
   self-attention  K·(2·C·3C + 2·C·C) + 4·K·Lk·C        (qkv + proj; QKᵀ and AV)
   cross-attention K·(2·C·C + 2·C·C) + 4·K·T·C          (q + proj; T text keys; only for ``spec.cross_attn``)
   FFN             K·mlp_mats·2·C·hidden                 (2 matrices for a GELU MLP, 3 for SwiGLU)
