@@ -37,8 +37,14 @@ Kernels (``kernel: auto|reference|fast``; auto = fast on CUDA, reference elsewhe
 softmaxes over the chosen key sets, chunked over query groups / tile rows; the fast paths are a gather + SDPA per
 query group (CS4A) and ``flex_attention`` with a BlockMask built once per (schedule, scale) (CSLA). Which kernel ran
 is in each image's summary. Kernels report the keys each query attended (``ctx.attn_keys``) for the FLOP-ideal
-speedup: |J| for CS4A-sparse, keys in active tiles for CSLA, 1.5·P + k at the decision scale (dense pass, the
-column-mass pass without AV, the selected-only pass).
+speedup: |J| for CS4A-sparse, keys in active tiles for CSLA, P at the decision scale (the dense pass that gives the
+layer's output). The rest of the decision is the method's own work, counted apart as ``method_flops`` (per image,
+in the summary; ``varbench/flops.py``): per decision layer rows·N_S·(0.5·P + k)·4·C in the Triton convention
+(``decision_flops: triton``, default: the column-mass pass computes QKᵀ again without AV, 0.5·P, then the
+selected-only pass over k keys; total with the dense pass 1.5·P + k) or rows·N_S·(1.5·P + k)·4·C (``cuda``: the
+authors' CUDA provider runs ThunderKittens' dense pass and then Triton's dense + column-mass kernel, Lvar @f94b7ec
+kernels/sparse_attn/sparse_attn_ops.py:127-132, ≈ 2.5·P + k in all). Top-k, the O-cache and its resize are not
+counted.
 """
 from __future__ import annotations
 
@@ -263,10 +269,13 @@ class SparVARConfig(MethodConfig):
     tile: int = 128
     skip_last: int = 0                     # "+ skip 2": do not compute the last scales (decode accumulated codes)
     kernel: str = "auto"                   # auto (fast on CUDA) | reference | fast
+    decision_flops: str = "triton"         # method FLOPs of the decision: triton (0.5·P + k) | cuda (1.5·P + k)
 
     def __post_init__(self):
         if self.kernel not in ("auto", "reference", "fast"):
             raise UserError(f"sparvar.kernel must be auto|reference|fast, got {self.kernel!r}")
+        if self.decision_flops not in ("triton", "cuda"):
+            raise UserError(f"sparvar.decision_flops must be triton|cuda, got {self.decision_flops!r}")
         if self.scale_anchor not in ("absolute", "decision"):
             raise UserError(f"sparvar.scale_anchor must be absolute|decision, got {self.scale_anchor!r}")
         if self.bound_layer_scaling not in ("proportional", "absolute"):
@@ -288,7 +297,8 @@ def effective_bound_layer(cfg: SparVARConfig, depth: int) -> int:
 
 class SparVAR(Method):
     CITATION = CITATION
-    STATUS = "exact vs the authors' code (Lvar @f94b7ec) on Infinity 13 scales; other schedules: our mapping"
+    STATUS = ("sparvar, sparvar_skip2, sparvar_hart: exact vs the authors' code (Lvar @f94b7ec; HART CSLA file @cebf20f); "
+              "sparvar_cs4a_only: GUESS (L_b = depth − 1); other schedules: our mapping")
     Config = SparVARConfig
     NOOP = {"cs4a": False, "csla": False}  # neither module runs: every layer stays dense
     cfg: SparVARConfig
@@ -299,6 +309,9 @@ class SparVAR(Method):
         self.keys: dict[str, dict] = {}        # module -> {si: mean keys per query}
         self.density: dict[int, float] = {}    # si -> CSLA tile density
         self.skipped: list[int] = []
+        self.decision_keys: dict[int, float] = {}   # si -> key-passes per query of the whole decision (1.5·P + k)
+        self._mflops = 0.0                     # method FLOPs of the batch (decision passes beyond the dense one)
+        self._batch = 1
         self._geo = getattr(self, "_geo", {})  # schedule-level caches survive across images
 
     # -- schedule facts
@@ -379,8 +392,12 @@ class SparVAR(Method):
         out = sdpa_attention(q, k, v, scale=scale) if self._fast(q) else dense.to(q.dtype)
         self.state[ctx.li] = {"C": (dense - sel) if self.cfg.o_cache else None, "hw": ctx.scale.hw, "src": I}
         self.kernels["cs4a_decide"] = "sdpa+colmass" if self._fast(q) else "reference"
-        self.keys.setdefault("cs4a", {})[ctx.si] = 1.5 * P + kk
-        ctx.attn_keys = 1.5 * P + kk
+        self.keys.setdefault("cs4a", {})[ctx.si] = float(P)
+        ctx.attn_keys = float(P)
+        extra = (0.5 if self.cfg.decision_flops == "triton" else 1.5) * P + kk
+        self.decision_keys[ctx.si] = extra + P
+        self._mflops += q.shape[0] * q.shape[2] * extra * 4 * q.shape[1] * q.shape[3]
+        self._batch = ctx.scale.batch
         return out
 
     def _cs4a_sparse_kernel(self, q, k, v, *, scale, mask=None, ctx=None):
@@ -439,7 +456,9 @@ class SparVAR(Method):
     def summary(self) -> dict:
         return {"kernels": dict(self.kernels), "skipped_scales": list(self.skipped),
                 "attn_keys": {m: {str(s): v for s, v in d.items()} for m, d in self.keys.items()},
-                "csla_tile_density": {str(s): v for s, v in self.density.items()}}
+                "csla_tile_density": {str(s): v for s, v in self.density.items()},
+                "decision_keys": {str(s): v for s, v in self.decision_keys.items()},
+                "method_flops": self._mflops / max(1, self._batch)}
 
     @classmethod
     def aggregate(cls, summaries: list[dict]) -> dict[str, tuple[float, int]]:

@@ -24,10 +24,24 @@ each GUESS of §3.5 is a default with its alternatives as options:
   pruned    tokens skip the whole block (identity) and add no K/V at that layer (``granularity = "block"``).
   variants  ``variant: full|scale_only|scale_token|scale_layer|fixed_exit`` (paper Tables 4/10; spec §3.6);
             ``skip_last: 2`` reproduces the paper's likely Infinity-2B 11-scale setting (S_max = computed scales).
+
+β must be calibrated per backbone: ϱ = σ1/σ2 of a positive entropy map is ≫ 1 (tiny models: tens to 10⁴), so with
+β = 1 R ≈ 0 in every layer and nothing is pruned. Each image's summary records ϱ and R per layer; when R < 1e-3 in
+every layer of every image of a run, :meth:`ToProVAR.report` prints one line naming the ϱ range and the calibration
+command (``scripts/calibrate_toprovar.py``).
+
+Method FLOPs (``method_flops`` in each image's summary, per image; outside the FLOP-ideal count of the model's own
+work, ``varbench/flops.py``): the entropy pass over every cached key at every computed layer, rows·K·Lk·(2·C + 2·H)
+(QKᵀ and the z·e^{z−m} accumulator, multiply-add = 2) with ``output: sdpa``; rows·K·Lk·2·H with ``output: fae``
+(the fused pass is the layer's attention, only the accumulator is extra); plus the SVD at s_rep, 4·m·n² − 4n³/3 per
+layer (m ≥ n, singular values only). Exponentials, logs and the gate's per-token arithmetic are not counted (as the
+model's softmax is not). The kernel attends every cached key, so it sets no ``ctx.attn_keys``: the loop's fallback
+(the whole cache after the layer) is what it computes.
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +53,15 @@ from varbench.hooks import LayerCtx, Method, MethodConfig, ScaleCtx, ScalePlan
 from varbench.tokens import Selection, resize_grid
 
 CITATION = "ToProVAR, arXiv 2602.22948 (ICLR 2026; no public code); shared/specs/toprovar_sparvar.md §3"
+NOTICE_R = 1e-3          # run notice: R below this in every layer of every image = the layer gate prunes nothing
+CALIBRATE = ("python scripts/calibrate_toprovar.py --model {model} (writes conf/method/toprovar_{model}.yaml; "
+             "then method=toprovar_{model})")
+
+
+def svd_flops(m: int, n: int) -> float:
+    """Singular values of an m×n matrix by Golub–Kahan bidiagonalisation: 4·m·n² − 4n³/3 (m ≥ n)."""
+    m, n = max(m, n), min(m, n)
+    return 4.0 * m * n * n - 4.0 * n ** 3 / 3.0
 
 
 # ------------------------------------------------------------------ equations (pure)
@@ -138,6 +161,9 @@ class ToProVAR(Method):
         self._prev_layers: dict[int, tuple] = {}      # li -> (map, hw) at the previous scale
         self._sel: Selection | None = None
         self._si = -1
+        self.pruned_tokens = 0                        # Σ over (scale, layer) of N − K where K < N
+        self._mflops = 0.0                            # method FLOPs of the batch (module doc)
+        self._batch = 1
 
     # -- helpers
     def _combine(self, m: torch.Tensor, batch: int) -> torch.Tensor:
@@ -177,6 +203,10 @@ class ToProVAR(Method):
                                              want_output=fae)
         if not fae:
             out = sdpa_attention(q, k, v, scale=scale, mask=mask)
+        rows, heads, K, d = q.shape
+        per_key = 2 * heads if fae else 2 * heads * d + 2 * heads
+        self._mflops += float(rows * K * k.shape[2] * per_key)
+        self._batch = ctx.scale.batch
         self._record(ctx, H.mean(1))
         return out
 
@@ -205,6 +235,7 @@ class ToProVAR(Method):
             for li in sorted(self._maps):
                 X = self._combine(self._maps[li], sctx.batch)[0].view(*sctx.hw)
                 vr, R = layer_score(X, c.beta)
+                self._mflops += svd_flops(*X.shape)
                 self.varrho.append(vr)
                 self.R.append(R)
         if self.D is None and c.rho_source == "mean_layers":
@@ -242,6 +273,7 @@ class ToProVAR(Method):
             if K == n:
                 return None
             self.claim(lctx, K)
+            self.pruned_tokens += n - K
             self._sel = Selection(torch.zeros(1, 0, dtype=torch.long, device=x.device), n)
             return self._sel
         if c.gate_entropy == "prev_scale_same_layer" or (li == 0 and self._cur is None):
@@ -266,19 +298,54 @@ class ToProVAR(Method):
         if K >= n:
             return None
         self.claim(lctx, K)
+        self.pruned_tokens += n - K
         self._sel = Selection(idx, n) if idx is not None else Selection.top_k(-q, K)
         return self._sel
 
     def summary(self) -> dict:
+        """Per image: D, ρ per scale, ϱ and R per layer (at s_rep), K per (scale, layer), pruned tokens (Σ N − K),
+        skipped scales, β and variant (for the run notice), method FLOPs per image (module doc)."""
         return {"D": self.D, "rho": {str(k): v for k, v in self.rho.items()}, "varrho": self.varrho, "R": self.R,
-                "kept": {str(k): v for k, v in self.kept.items()}, "skipped_scales": list(self.skipped),
-                "kernel": "streaming_entropy+" + self.cfg.output}
+                "kept": {str(k): v for k, v in self.kept.items()}, "pruned_tokens": self.pruned_tokens,
+                "skipped_scales": list(self.skipped), "kernel": "streaming_entropy+" + self.cfg.output,
+                "beta": self.cfg.beta, "variant": self.cfg.variant,
+                "method_flops": self._mflops / max(1, self._batch)}
 
     @classmethod
     def aggregate(cls, summaries: list[dict]) -> dict[str, tuple[float, int]]:
+        """activation_rate: share of images where ToProVAR removed work (a token pruned or a scale skipped);
+        d_reached_rate: share of images where the depth test passed (D set), pruned or not; D_mean over those."""
         n = len(summaries)
-        out = {"activation_rate": (sum(s.get("D") is not None for s in summaries) / max(1, n), n)}
+        acted = sum(bool(s.get("pruned_tokens")) or bool(s.get("skipped_scales")) for s in summaries)
+        out = {"activation_rate": (acted / max(1, n), n),
+               "d_reached_rate": (sum(s.get("D") is not None for s in summaries) / max(1, n), n)}
         Ds = [s["D"] for s in summaries if s.get("D") is not None]
         if Ds:
             out["D_mean"] = (sum(Ds) / len(Ds), len(Ds))
         return out
+
+    @classmethod
+    def run_notice(cls, summaries: list[dict], model: str | None = None) -> str | None:
+        """One line when R < NOTICE_R in every layer of every image that computed R (variants whose pruning R
+        drives: full, scale_layer): the run is the baseline plus the entropy pass. None otherwise."""
+        rs = [s for s in summaries if s.get("R")]
+        if not rs or any(s.get("variant", "full") not in ("full", "scale_layer") for s in rs):
+            return None
+        if any(max(s["R"]) >= NOTICE_R for s in rs):
+            return None
+        vr = [v for s in rs for v in s.get("varrho") or [] if math.isfinite(v)]
+        span = f"ϱ = σ1/σ2 in {min(vr):.4g}–{max(vr):.4g}" if vr else "ϱ infinite"
+        betas = sorted({s.get("beta") for s in rs if s.get("beta") is not None})
+        beta = f"β = {betas[0]:g}" if len(betas) == 1 else "β"
+        return (f"toprovar: R = exp(−β(ϱ−1)) < {NOTICE_R:g} in every layer of all {len(rs)} images ({beta}, {span}): "
+                f"the layer gate prunes nothing, this row is the baseline plus the entropy pass; calibrate β for this "
+                f"backbone: {CALIBRATE.format(model=model or '<model>')}")
+
+    @classmethod
+    def report(cls, records: list[dict], out_dir, title: str = "") -> list:
+        """Prints :meth:`run_notice` (one line per run; ``title`` = "<model> / <method> / <bench>")."""
+        line = cls.run_notice([r.get("method_summary") or {} for r in records],
+                              title.split(" / ")[0] if " / " in title else None)
+        if line:
+            print(f"[varbench] notice: {line}", file=sys.stderr)
+        return []

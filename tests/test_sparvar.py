@@ -159,7 +159,8 @@ def test_sparvar_on_the_tiny_schedule(runs, tiny_backbone):
     assert rec.attn_keys[:7] == ref.record.attn_keys[:7]
     P7 = sum(n * n for n in [1, 2, 4, 6, 8, 12, 16, 20])
     assert P7 == 921 and topk_budget(P7, 0.2, 112) == 224
-    assert s["attn_keys"]["cs4a"] == {"7": 1.5 * 921 + 224, "8": 224 + 336, "9": 224 + 336 + 448}
+    assert s["attn_keys"]["cs4a"] == {"7": 921, "8": 224 + 336, "9": 224 + 336 + 448}
+    assert s["decision_keys"] == {"7": 1.5 * 921 + 224}   # dense + column-mass (QKᵀ only) + selected passes
     assert rec.attn_keys[9][0] == 1008 and all(rec.attn_keys[9][li] < rec.kv_len[9][li] for li in range(4))
     assert s["kernels"] == {"cs4a_decide": "reference", "cs4a": "reference", "csla": "reference"}
     assert set(s["csla_tile_density"]) == {"7", "8", "9"}
@@ -293,3 +294,25 @@ def test_local_runs_are_the_authors_for_each_decision_scale(S, want_L):
         assert J[:, -L:].tolist() == want, si
         assert ctx.attn_keys == J.shape[1]
     assert got_L == want_L
+
+
+# ------------------------------------------------------------------ issue 25 item 6: method FLOPs
+def test_decision_pass_is_counted_as_method_flops(runs, tiny_backbone):
+    """The decision scale's dense pass (P keys, the layer's output) is model work in the FLOP-ideal count; the
+    column-mass pass and the selected-only pass (0.5·P + k keys, Triton convention) are the method's own FLOPs,
+    per decision layer rows·N_S·(0.5·P + k)·4·C; the CUDA convention adds a second dense pass (1.5·P + k)."""
+    from varbench.flops import method_flops
+
+    spec = tiny_backbone.spec
+    a = runs["sparvar"]
+    rec = a.record.per_image()[0] | {"method_summary": a.method_summary}
+    S, P, N, kk = 7, 921, 20 * 20, 224
+    lb = effective_bound_layer(SparVARConfig(), spec.depth)
+    assert all(rec["attn_keys"][S][li] == P for li in range(lb + 1))
+    C, rows = spec.embed_dim, rec["rows"][S]
+    want = (lb + 1) * rows * N * (0.5 * P + kk) * 4 * C
+    assert method_flops(rec) == pytest.approx(want, rel=1e-12) and want > 0
+    assert method_flops({"method_summary": {}}) == 0.0 and method_flops({}) == 0.0
+    cuda = _gen(tiny_backbone, SparVAR(SparVARConfig(decision_flops="cuda")))
+    assert cuda.method_summary["method_flops"] == pytest.approx((lb + 1) * rows * N * (1.5 * P + kk) * 4 * C)
+    assert torch.equal(cuda.images, a.images)          # accounting only

@@ -206,3 +206,63 @@ def test_auto_direction_with_first_layer_sees_a_curve_already_below_tau_at_scale
     up = ToProVAR(ToProVARConfig(d_direction="auto", rho_source="first_layer"))
     _drive(up, rising)
     assert up.D == 7                                     # rising past τ at scale 7: ge
+
+
+# ------------------------------------------------------------------ issue 25 items 2, 6, 9: notice, FLOPs, rates
+@pytest.fixture(scope="module")
+def default_run(tiny_backbone):
+    return _gen(tiny_backbone, ToProVAR())
+
+
+def test_default_beta_prunes_nothing_and_the_run_says_so_in_one_line(default_run, tiny_backbone, capsys):
+    """β = 1 on a positive entropy map: ϱ ≫ 1, R ≈ 0 in every layer, nothing pruned although D is reached; the
+    summary records ϱ and R per layer and report() prints one line naming the ϱ range and the calibration command
+    (seen failing before: no notice existed)."""
+    s = default_run.method_summary
+    depth = tiny_backbone.spec.depth
+    assert len(s["R"]) == len(s["varrho"]) == depth and max(s["R"]) < 1e-3 and min(s["varrho"]) > 5
+    assert s["pruned_tokens"] == 0 and s["beta"] == 1.0 and s["variant"] == "full"
+    recs = [{"method_summary": s}] * 3
+    ToProVAR.report(recs, None, "tiny_random / toprovar / smoke")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "all 3 images" in err[0]
+    assert f"{min(s['varrho']):.4g}–{max(s['varrho']):.4g}" in err[0]
+    assert "python scripts/calibrate_toprovar.py --model tiny_random" in err[0]
+    calibrated = dict(s, R=[0.2] + s["R"][1:])
+    assert ToProVAR.run_notice([s, calibrated]) is None            # one layer of one image can prune: silent
+    assert ToProVAR.run_notice([dict(s, variant="scale_token")]) is None   # R is not used by that variant
+    assert ToProVAR.run_notice([{"D": None, "R": None}]) is None   # R never computed (schedule below s_rep)
+
+
+def test_activation_rate_counts_images_where_something_was_pruned(default_run):
+    """activation_rate = share of images where ToProVAR removed work; reaching D alone is d_reached_rate (seen
+    failing before: activation_rate counted D reached with nothing pruned)."""
+    s = default_run.method_summary
+    assert s["D"] is not None and s["pruned_tokens"] == 0
+    pruned = dict(s, pruned_tokens=57)
+    skipped = dict(s, D=None, skipped_scales=[8, 9])
+    none = dict(s, D=None)
+    agg = ToProVAR.aggregate([s, pruned, skipped, none])
+    assert agg["activation_rate"] == (0.5, 4)
+    assert agg["d_reached_rate"] == (0.5, 4) and agg["D_mean"] == (s["D"], 2)
+
+
+def test_method_flops_are_the_entropy_pass_and_the_svd(tiny_backbone):
+    """Per image: Σ over computed (scale, layer) rows·K·Lk·(2·C + 2·H) (QKᵀ and the entropy accumulator over every
+    cached key; the kernel reports no attn_keys, so the record's keys are the whole cache) plus one SVD per layer at
+    s_rep; with output=fae only the accumulator, rows·K·Lk·2·H."""
+    from baselines.toprovar import svd_flops
+    from varbench.flops import method_flops
+
+    spec = tiny_backbone.spec
+    C, H = spec.embed_dim, spec.num_heads
+    for output, per_key in (("sdpa", 2 * C + 2 * H), ("fae", 2 * H)):
+        out = _gen(tiny_backbone, ToProVAR(ToProVARConfig(beta=1e-4, d_direction="ge", tau=0.3, output=output)))
+        rec = out.record.per_image()[0] | {"method_summary": out.method_summary}
+        assert rec["method_summary"]["pruned_tokens"] > 0
+        assert rec["attn_keys"] == rec["kv_len"]        # the loop's fallback: every cached key after the layer
+        h, w = rec["scale_hw"][6]
+        want = sum(rec["rows"][si] * K * rec["kv_len"][si][li] * per_key
+                   for si in range(len(rec["tokens"])) for li, K in enumerate(rec["tokens"][si]))
+        want += spec.depth * svd_flops(h, w)
+        assert method_flops(rec) == pytest.approx(want, rel=1e-12)

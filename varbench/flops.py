@@ -10,6 +10,11 @@ which counts only the keys a ``compress_kv`` method kept from earlier scales, pl
 and the head on every token of a computed scale, N·2·C·V. Not counted: the VAE decoder, the text encoder and HART's
 diffusion head (the same for every method), and a method's own overhead (e.g. NOVA's logit-lens heads), which
 shows in measured latency. The FLOP-ideal speedup is FLOPs(method=none) / FLOPs(method) for the same prompt and seed.
+
+Method FLOPs (:func:`method_flops`) are counted apart: work a method spends on itself beyond the model's layers, per
+image, as the method reports it in its summary (``method_summary.method_flops``; ToProVAR's entropy pass and SVD,
+SparVAR's decision passes beyond the dense one: each method's module documents its count). Absent: 0. The speed
+metrics show the FLOP-ideal speedup both without and with them.
 """
 from __future__ import annotations
 
@@ -36,3 +41,8 @@ def generation_flops(rec: dict, spec: BackboneSpec) -> float:
             total += rows * per
         total += rows * h * w * 2 * C * spec.head_out
     return total / max(1, rec.get("batch", 1))
+
+
+def method_flops(rec: dict) -> float:
+    """FLOPs per image the method spent on itself (its summary's ``method_flops``; 0 when it reports none)."""
+    return float((rec.get("method_summary") or {}).get("method_flops") or 0.0)
