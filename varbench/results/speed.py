@@ -3,6 +3,9 @@
   latency_s     mean wall time per image (text encoding + all scales + decode; device-synchronised)
   speedup       mean reference latency / mean latency, over the same images
   flop_speedup  Σ reference FLOPs / Σ FLOPs (varbench/flops.py): what the token counts alone would give
+  method_gflops  mean FLOPs per image a method spends on itself (varbench/flops.py::method_flops; ToProVAR's
+                entropy pass, SparVAR's decision passes), only for methods that report them
+  flop_speedup_with_method  Σ reference FLOPs / Σ (FLOPs + method FLOPs): the FLOP-ideal speedup with them
   tokens_frac   transformer tokens computed (Σ over scales, layers, rows) / the reference's
   psnr, ssim    to the reference image of the same prompt and seed (PSNR of identical images capped at 100 dB)
   peak_mem_gb   max over images (GPU allocator peak; on CPU the process's max RSS)
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from varbench.results.fidelity import fidelity_per_image
 from varbench.backbones.base import BackboneSpec
-from varbench.flops import generation_flops
+from varbench.flops import generation_flops, method_flops
 
 PSNR_CAP = 100.0
 
@@ -50,6 +53,10 @@ def run_metrics(recs: dict[int, dict], spec: BackboneSpec, ref: dict[int, dict] 
            "peak_mem_gb": (max(recs[i]["peak_memory_bytes"] for i in idx) / 2**30, len(idx))}
     flops = {i: generation_flops(recs[i], spec) for i in idx}
     out["gflops"] = (_mean(list(flops.values())) / 1e9, len(idx))
+    reports = any("method_flops" in (recs[i].get("method_summary") or {}) for i in idx)
+    mflops = {i: method_flops(recs[i]) for i in idx}
+    if reports:
+        out["method_gflops"] = (_mean(list(mflops.values())) / 1e9, len(idx))
     out.update(memory_metrics([recs[i] for i in idx]))
     if ref is None:
         return out
@@ -61,6 +68,9 @@ def run_metrics(recs: dict[int, dict], spec: BackboneSpec, ref: dict[int, dict] 
     out["speedup"] = (rlat / lat, len(common))
     rflops = sum(generation_flops(ref[i], spec) for i in common)
     out["flop_speedup"] = (rflops / sum(flops[i] for i in common), len(common))
+    if reports:
+        rall = rflops + sum(method_flops(ref[i]) for i in common)
+        out["flop_speedup_with_method"] = (rall / sum(flops[i] + mflops[i] for i in common), len(common))
     out["tokens_frac"] = (sum(_tokens(recs[i]) for i in common) / sum(_tokens(ref[i]) for i in common), len(common))
     if image_dir is not None and ref_dir is not None:
         fid = fidelity_per_image(image_dir, ref_dir, [recs[i]["image"] for i in common])

@@ -8,6 +8,8 @@ SPEED_COLUMNS = [
     ("speedup", "Speed↑", "{:.2f}×"),
     ("latency_s", "Latency (s)↓", "{:.3f}"),
     ("flop_speedup", "FLOP-ideal↑", "{:.2f}×"),
+    ("flop_speedup_with_method", "FLOP-ideal incl. method↑", "{:.2f}×"),   # + the method's own FLOPs
+    ("method_gflops", "Method GFLOPs", "{:.3g}"),
     ("tokens_frac", "Tokens computed", "{:.1%}"),
     ("psnr", "PSNR (dB)↑", "{:.2f}"),
     ("ssim", "SSIM↑", "{:.4f}"),
