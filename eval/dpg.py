@@ -21,6 +21,7 @@ VQA backends: ``mplug`` (official, ModelScope ``damo/mplug_visual-question-answe
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,21 @@ class MplugVQA:
         return self.pipe({"image": image, "question": question})["text"]
 
 
+def check(bench: dict) -> dict[str, Path]:
+    """The files the ``dpg`` metric needs (question CSV; BLIP weights, or the ModelScope package for mPLUG), checked
+    before the first image is generated."""
+    d = bench.get("dpg") or {}
+    paths = {"csv": need("dpg_bench", "dpg_bench.csv", data_dir(bench.get("data_dir")))}
+    if d.get("vqa", "mplug") == "mplug":
+        if importlib.util.find_spec("modelscope") is None:
+            raise UserError("bench.dpg.vqa=mplug (DPG-Bench's official VQA model) needs ModelScope: "
+                            "pip install -e '.[dpg]' (or bench.dpg.vqa=blip)")
+    else:
+        paths |= resolve_files({"vqa": dict(d["files"]["vqa"])}, weights_dir(d.get("weights_dir")),
+                               "bench.dpg.weights_dir")
+    return paths
+
+
 def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
     """The ``dpg`` metric: every ``<item_id>.<ext>`` grid in image_dir that the question CSV knows (the official
     script lists the folder and keys each file by its name before the first '.')."""
@@ -200,12 +216,9 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
 
     d = bench.get("dpg") or {}
     quirks = bool(d.get("official_quirks", True))
-    items = load_csv(need("dpg_bench", "dpg_bench.csv", data_dir(bench.get("data_dir"))), quirks)
-    if d.get("vqa", "mplug") == "mplug":
-        vqa = MplugVQA(device=device)
-    else:
-        p = resolve_files({"vqa": dict(d["files"]["vqa"])}, weights_dir(d.get("weights_dir")), "bench.dpg.weights_dir")
-        vqa = BlipVQA(str(p["vqa"]), device)
+    paths = check(bench)
+    items = load_csv(paths["csv"], quirks)
+    vqa = MplugVQA(device=device) if "vqa" not in paths else BlipVQA(str(paths["vqa"]), device)
 
     cache = ScoreCache(out_dir / "dpg_cache.jsonl", image_dir)
     files = sorted(p for p in Path(image_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)

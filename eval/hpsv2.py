@@ -75,14 +75,24 @@ def style_score(scores: list[float], chunk: int = 80) -> float:
     return sum(means) / len(means)
 
 
+def check(bench: dict) -> dict[str, Path]:
+    """The files the ``hpsv2`` metric needs (the HPS v2.1 checkpoint, the style prompt files), checked before the
+    first image is generated."""
+    h = bench.get("hpsv2") or {}
+    paths = resolve_files({k: dict(v) for k, v in h["files"].items()}, weights_dir(h.get("weights_dir")),
+                          "bench.hpsv2.weights_dir")
+    root = data_dir(bench.get("data_dir"))
+    return paths | {s: need("hpsv2", f"{s}.json", root) for s in bench.get("styles", ["anime", "concept-art",
+                                                                                       "paintings", "photo"])}
+
+
 def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
     import json
 
     from PIL import Image
 
     h = bench.get("hpsv2") or {}
-    paths = resolve_files({k: dict(v) for k, v in h["files"].items()}, weights_dir(h.get("weights_dir")),
-                          "bench.hpsv2.weights_dir")
+    paths = check(bench)
     scorer = HPSv21(paths["checkpoint"], device, trust_pickle=bool(h.get("trust_pickle", False)))
 
     cache = ScoreCache(out_dir / "hpsv2_cache.jsonl", image_dir)

@@ -178,6 +178,15 @@ class OpenAIClipScore:
         return (i @ t.T)[:, 0].tolist()
 
 
+def check(bench: dict) -> dict[str, Path]:
+    """The files the ``imagereward`` metric needs (reward checkpoint, BLIP tokenizer, CLIP, the prompt file),
+    checked before the first image is generated."""
+    c = bench.get("imagereward") or {}
+    paths = resolve_files({k: dict(v) for k, v in c["files"].items()}, weights_dir(c.get("weights_dir")),
+                          "bench.imagereward.weights_dir")
+    return paths | {"prompts": need("imagereward", "benchmark-prompts.json", data_dir(bench.get("data_dir")))}
+
+
 def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
     """ImageReward over the images in <prompt id>/ (Infinity's layout <id>/<id>_<k>.jpg; any png/jpg there is
     scored), 100 prompts x 10 images: mean reward and mean CLIP-Score over all images."""
@@ -186,8 +195,7 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     from PIL import Image
 
     c = bench.get("imagereward") or {}
-    paths = resolve_files({k: dict(v) for k, v in c["files"].items()}, weights_dir(c.get("weights_dir")),
-                          "bench.imagereward.weights_dir")
+    paths = check(bench)
     try:
         sd = torch.load(paths["checkpoint"], map_location="cpu", weights_only=not c.get("trust_pickle", False))
     except Exception as e:  # noqa: BLE001
@@ -196,7 +204,7 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     model = ImageRewardModel()
     load_state(model, sd)
     scorer = ImageRewardScorer(model, ImageRewardScorer.blip_tokenizer(str(paths["tokenizer"])), device)
-    items = json.loads(need("imagereward", "benchmark-prompts.json", data_dir(bench.get("data_dir"))).read_text())
+    items = json.loads(paths["prompts"].read_text())
     clip = OpenAIClipScore(pretrained=str(paths["clip"]), device=device)
 
     cache = ScoreCache(out_dir / "imagereward_cache.jsonl", image_dir)

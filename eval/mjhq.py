@@ -157,6 +157,24 @@ class ClipScorer:
         return (100 * (t * i).sum(-1).clamp(min=0)).tolist()
 
 
+def check(bench: dict) -> dict[str, Path]:
+    """The files the ``mjhq`` metric needs (Inception, CLIP, the metadata, the real images of every category asked
+    for), checked before the first image is generated."""
+    import json
+
+    m = bench.get("mjhq") or {}
+    paths = resolve_files({k: dict(v) for k, v in m["files"].items()}, weights_dir(m.get("weights_dir")),
+                          "bench.mjhq.weights_dir")
+    root = data_dir(bench.get("data_dir"))
+    paths["meta"] = need("mjhq30k", "meta_data.json", root)
+    real_root = Path(m.get("real_images") or root / "mjhq30k" / "mjhq30k_imgs")
+    for cat in bench.get("categories") or sorted({v["category"] for v in json.loads(paths["meta"].read_text()).values()}):
+        if not (real_root / cat).exists():
+            raise UserError(f"missing MJHQ-30K real images {real_root / cat} (unzip mjhq30k_imgs.zip from "
+                            f"huggingface.co/datasets/playgroundai/MJHQ-30K, or set bench.mjhq.real_images)")
+    return paths | {"real_root": real_root}
+
+
 def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
     """The ``mjhq`` metric: per category, FID against the real images and the CLIP score of our images."""
     import json
@@ -164,11 +182,9 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     from PIL import Image
 
     m = bench.get("mjhq") or {}
-    paths = resolve_files({k: dict(v) for k, v in m["files"].items()}, weights_dir(m.get("weights_dir")),
-                          "bench.mjhq.weights_dir")
-    root = data_dir(bench.get("data_dir"))
-    meta = json.loads(need("mjhq30k", "meta_data.json", root).read_text())
-    real_root = Path(m.get("real_images") or root / "mjhq30k" / "mjhq30k_imgs")
+    paths = check(bench)
+    meta = json.loads(paths["meta"].read_text())
+    real_root = paths["real_root"]
     feats = InceptionFeatures(paths["inception"], m.get("resize", "clean"))
     clip = ClipScorer(str(paths["clip"]), device)
     out = {}

@@ -39,11 +39,8 @@ def main(argv=None) -> int:
         print(f"no results in {a.results_root / 'rows.jsonl'}: run `python run.py` first", file=sys.stderr)
         return 1
     w = tables.wide(df, a.model, a.bench)
-    numeric = [c for c in w.columns if isinstance(c, str) and w[c].dtype.kind in "fi"]
-    quality = sorted(set(numeric) - {m for m, _, _ in tables.SPEED_COLUMNS} - {"gflops"})
-    prefixes = sorted({c.rsplit("_", 1)[0] for c in quality if c.endswith("_overall")})
-    first = tables.quality_columns(w, prefixes)      # e.g. shapes_overall, then its tags, before speed
-    md = tables.markdown(w, extra=[c for c in quality if c not in first], quality=first)
+    first, extra = tables.bench_columns(w)           # e.g. shapes_overall, then its tags, before speed
+    md = tables.markdown(w, extra=extra, quality=first)
     print(md)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

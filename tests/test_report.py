@@ -193,7 +193,7 @@ def test_split_markdown_refuses_a_ragged_table():
 
 def test_header_metrics_cover_every_column(results):
     w = tables.wide(store.load(results), "toy", "shapes")
-    q, extra = B.bench_columns(w)
+    q, extra = tables.bench_columns(w)
     _, head, _, _ = B.split_markdown(tables.markdown(w, extra=extra, quality=q))
     hm = B.header_metrics(w)
     metrics = [h for h in head if h not in B.LABEL_HEADERS]

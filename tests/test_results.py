@@ -150,4 +150,4 @@ def test_make_tables_for_one_model_and_bench_with_string_columns(tmp_path):
     r = subprocess.run([sys.executable, "scripts/make_tables.py", "--results-root", str(tmp_path), "--model", "tiny",
                         "--bench", "shapes"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "| tiny | shapes | sparsevar[1] | 0.300 |" in r.stdout and "[1] reconstructed" in r.stdout
+    assert "| tiny | shapes | sparsevar[1] | 4 | 0.300 |" in r.stdout and "[1] reconstructed" in r.stdout

@@ -52,6 +52,11 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Replace a JSON-lines file atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
 def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Append rows as JSON lines; a torn last line (killed writer) is first closed with a newline."""
     path = Path(path)

@@ -160,9 +160,9 @@ def score_folder(image_dir: Path, detector, color, classnames: list[str], opt: O
     return results, summarize(results)
 
 
-def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
-    """The ``geneval`` metric of a bench config: resolve weights (one-line error if missing), score, summarise."""
-
+def check(bench: dict) -> dict[str, Path]:
+    """The files the ``geneval`` metric needs (detector, colour model, class names), resolved without loading
+    anything: the harness calls this before the first image is generated (one line per missing file)."""
     g = bench.get("geneval") or {}
     kind = g.get("detector", "mmdet")
     if kind not in ("mmdet", "hf"):
@@ -170,7 +170,15 @@ def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dic
     files = {"detector": dict(g["files"]["detector_mmdet" if kind == "mmdet" else "detector"]),
              "clip": dict(g["files"]["clip"])}
     paths = resolve_files(files, weights_dir(g.get("weights_dir")), "bench.geneval.weights_dir")
-    classnames = need("geneval", "object_names.txt", data_dir(bench.get("data_dir"))).read_text().split("\n")
+    return paths | {"object_names": need("geneval", "object_names.txt", data_dir(bench.get("data_dir")))}
+
+
+def run(bench: dict, image_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, float]:
+    """The ``geneval`` metric of a bench config: resolve weights (one-line error if missing), score, summarise."""
+    g = bench.get("geneval") or {}
+    kind = g.get("detector", "mmdet")
+    paths = check(bench)
+    classnames = paths["object_names"].read_text().split("\n")
     classnames = [c.strip() for c in classnames if c.strip()]
     if kind == "mmdet":
         det = HFMask2Former("", device, model=load_mmdet_mask2former(paths["detector"], device,

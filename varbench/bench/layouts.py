@@ -106,6 +106,13 @@ def _atomic_save(im, out: Path, kwargs: dict) -> None:
     tmp.replace(out)
 
 
+def derived_files(layout: str, prompts, bench: dict) -> list[str]:
+    """Image files ``finalize`` makes from a run's items (relative paths): DPG's 2x2 grids."""
+    if layout != "dpg":
+        return []
+    return [f"{p.key}.{_ext(layout, image_format(bench)[0])}" for p in prompts]
+
+
 def finalize(layout: str, image_dir: Path, prompts, n_per: int, fmt: str | None = None,
              jpg_quality: int = DEFAULT_JPG_QUALITY) -> None:
     """Write what the official scorer expects besides the images (GenEval metadata, DPG grids, ImageReward's

@@ -79,6 +79,7 @@ class RunConfig:
     progress: bool = True          # progress bars
     results_root: str = "${oc.env:" + RESULTS_ENV + ",results}"   # $VARBENCH_RESULTS, else ./results
     run_dir: Optional[str] = None  # explicit run directory (default: <results_root>/runs/<model>/<bench>/<method>/<tag>)
+    code_change: str = "stop"      # resuming a run whose image-making code changed: stop (one line) | keep
 
     def __post_init__(self):
         self.seed = _int("seed", self.seed, lo=0)
@@ -90,6 +91,8 @@ class RunConfig:
             raise UserError(f"stage must be generate, score or all, got {self.stage!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.code_change not in ("stop", "keep"):
+            raise UserError(f"code_change must be stop or keep, got {self.code_change!r}")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be fp32, bf16 or auto, got {self.dtype!r}")
         if self.threads != "auto":

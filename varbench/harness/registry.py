@@ -20,6 +20,7 @@ Unknown names fail with one line and a suggestion (``UserError``), before anythi
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from dataclasses import fields
 from importlib import metadata, resources
@@ -116,12 +117,26 @@ def metric_fn(name: str):
     return load("metric", name)
 
 
+def metric_check(name: str):
+    """The metric's ``check(bench)`` (its module's: the files the scorer needs, resolved without loading them), or
+    None where the metric needs no files."""
+    return getattr(importlib.import_module(metric_fn(name).__module__), "check", None)
+
+
 def prompt_source(name: str):
     return load("prompt source", name)
 
 
 def backbone_builder(family: str):
     return load("backbone family", family)
+
+
+def check_model(model: dict) -> None:
+    """Every field of a model config node, by its family's ``check_config`` (the builder's module; one-line errors,
+    before anything is written or built). Families without one are checked when built."""
+    check = getattr(importlib.import_module(backbone_builder(model_family(model)).__module__), "check_config", None)
+    if check is not None:
+        check(model)
 
 
 def build_backbone(model: dict, device: str, dtype: str, compile: bool = False):

@@ -36,7 +36,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 # config keys that do not change a single image: left out of the identity (and of the directory name)
 NON_IDENTITY = ("stage", "progress", "results_root", "score_dir", "score_model", "wandb", "wandb_project", "reference",
-                "warmup", "run_dir", "shard", "experiment")
+                "warmup", "run_dir", "shard", "experiment", "code_change")
+# core modules whose code determines images (the loop, its hooks and the shared kernels), fingerprinted with the
+# backbone family's folder and the method's module in every run's meta.json
+CORE_IMAGE_CODE = ("varbench/loop.py", "varbench/hooks.py", "varbench/tokens.py", "varbench/attention.py",
+                   "varbench/entropy.py", "varbench/sampling.py", "varbench/msvq.py", "varbench/kvcache.py",
+                   "varbench/stack.py", "varbench/backbones/base.py")
 BENCH_NON_IDENTITY = ("limit", "data_dir", "metrics", "weights_dir")
 
 
@@ -68,6 +73,31 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
             out += diff_keys(va, vb, f"{prefix}{k}.")
         elif canonical(va) != canonical(vb):
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def code_fingerprint(paths) -> dict[str, str]:
+    """sha256 (12 hex) of each file that determines a run's images: Python sources and weight files, not docs.
+    ``paths``: files or folders (searched for ``*.py`` and ``*.safetensors``); keys are paths relative to the
+    checkout (or to the folder above a plug-in's package)."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += [f for f in p.rglob("*") if f.suffix in (".py", ".safetensors") and "__pycache__" not in f.parts]
+        elif p.is_file():
+            files.append(p)
+    out = {}
+    for f in sorted(set(files)):
+        f = f.resolve()
+        rel = f.relative_to(REPO) if f.is_relative_to(REPO) else Path(*f.parts[-3:])
+        out[str(rel)] = hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+    return out
+
+
+def code_changes(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two code fingerprints (changed, added, removed files)."""
+    out = [f"{k} changed" for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+    out += [f"{k} added" for k in sorted(set(new) - set(old))] + [f"{k} removed" for k in sorted(set(old) - set(new))]
     return out
 
 
@@ -125,13 +155,22 @@ class RunDir:
         return self.path / "meta.json"
 
     def read_meta(self) -> dict | None:
+        """The run's meta.json, or None where there is none. A damaged or foreign one (not JSON, not an object,
+        no identity) is one line: it is what makes resuming safe, so it is never silently treated as absent."""
         p = self.meta_path()
         if not p.exists():
             return None
         try:
-            return json.loads(p.read_text())
-        except ValueError:
-            return None
+            meta = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(self._damaged(f"not JSON: {str(e).split(':')[0]}")) from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("identity"), dict) or "run_id" not in meta:
+            raise UserError(self._damaged("not a varbench meta.json: no identity/run_id"))
+        return meta
+
+    def _damaged(self, why: str) -> str:
+        return (f"{self.meta_path()} is damaged or foreign ({why}); the run's identity cannot be checked: restore "
+                f"the file, or move {self.path} aside (or pass run_tag=<name>) to start a new run")
 
     def check(self, ident: dict) -> dict | None:
         """The existing meta (None for a new run) if it was made with identity ``ident``; one line otherwise."""
@@ -142,14 +181,35 @@ class RunDir:
                             f"resuming would mix images: pass run_tag=<name> for a separate run, or delete the folder")
         return old
 
-    def open(self, ident: dict, extra: dict) -> None:
-        """Create the directory (or resume it after checking its identity), take this shard's lock, write meta."""
-        old = self.check(ident)
+    def open(self, ident: dict, extra: dict, wait: bool = False, code_change: str = "stop") -> None:
+        """Create the directory (or resume it after checking its identity), take this shard's lock, write meta.
+        ``wait``: if another process holds the lock, wait for it (a shared reference run) instead of stopping.
+        ``extra["code"]`` (a code fingerprint): resuming a run whose images were made by other code stops in one
+        line naming the file, unless ``code_change="keep"`` (then the new fingerprint is recorded)."""
+        self.check(ident)                     # before anything is created: a mismatch costs nothing
+        if not self.meta_path().exists() and self.path.is_dir() and \
+                any(not p.name.startswith(".lock") for p in self.path.iterdir()):
+            raise UserError(f"{self.path} is not empty and holds no varbench run (no meta.json): refusing to write "
+                            f"into it; pick an empty or new folder for run_dir")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except PermissionError:
             raise UserError(f"cannot create {self.path}: permission denied (set results_root to a writable folder)") from None
-        self.lock()
+        self.lock(wait)
+        try:
+            old = self.check(ident)           # again under the lock: another writer may have created it meanwhile
+        except UserError:
+            self.unlock()
+            raise
+        changes = code_changes(old.get("code") or {}, extra.get("code") or {}) if old and old.get("code") else []
+        if changes and code_change != "keep":
+            self.unlock()
+            raise UserError(f"{self.path}: its images were made by other code ({'; '.join(changes[:3])}"
+                            f"{'; ...' if len(changes) > 3 else ''}); keep them and go on with code_change=keep, or "
+                            f"redo them: run_tag=<name> for a new run, or delete the folder")
+        if changes:
+            print(f"[varbench] note: code_change=keep: resuming {self.path} although {'; '.join(changes[:3])}",
+                  file=sys.stderr)
         if old is not None and old.get("git_sha") not in (None, extra.get("git_sha")):
             print(f"[varbench] note: resuming a run started at git {old.get('git_sha')}; this is {extra.get('git_sha')}",
                   file=sys.stderr)
@@ -157,7 +217,7 @@ class RunDir:
         meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_json(self.meta_path(), meta)
 
-    def lock(self) -> None:
+    def lock(self, wait: bool = False) -> None:
         p = self.path / f".lock{self.shard.suffix}"
         fh = open(p, "a+")
         try:
@@ -165,9 +225,15 @@ class RunDir:
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            fh.close()
-            raise UserError(f"{self.path}{' shard ' + str(self.shard.index) if self.shard.count > 1 else ''} is being "
-                            f"written by {holder}; wait for it or stop it (two writers would duplicate the work)") from None
+            if wait:
+                print(f"[varbench] waiting for {self.path} (being written by {holder}); it is shared, so its images "
+                      f"are made once", file=sys.stderr)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            else:
+                fh.close()
+                raise UserError(f"{self.path}{' shard ' + str(self.shard.index) if self.shard.count > 1 else ''} is being "
+                                f"written by {holder}; wait for it or stop it (two writers would duplicate the work)") \
+                    from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}")

@@ -31,22 +31,36 @@ import torch
 from tqdm import tqdm
 
 from varbench.backbones.base import BackboneSpec
-from varbench.bench.layouts import finalize, format_record, image_format, relpath, save_kwargs
+from varbench.bench.layouts import derived_files, finalize, format_record, image_format, relpath, save_kwargs
 from varbench.bench.prompts import Prompt, apply_rewrites, inline_prompts
 from varbench.errors import UserError
 from varbench.harness.config import RunConfig, _int
 from varbench.harness.registry import (
     build_backbone,
     build_method,
+    check_model,
     method_class,
     method_family,
+    metric_check,
     metric_fn,
     model_family,
     prompt_source,
 )
-from varbench.harness.rundir import NON_IDENTITY, REPO, RunDir, Shard, device_name, git_sha, identity, run_id, versions
+from varbench.harness.rundir import (
+    CORE_IMAGE_CODE,
+    NON_IDENTITY,
+    REPO,
+    RunDir,
+    Shard,
+    code_fingerprint,
+    device_name,
+    git_sha,
+    identity,
+    run_id,
+    versions,
+)
 from varbench.hooks import Method
-from varbench.io import image_ok, save_image, to_uint8, write_json
+from varbench.io import image_ok, save_image, to_uint8, write_json, write_jsonl
 from varbench.loop import generate
 from varbench.results import store, tables
 from varbench.results.plots import contact_sheet
@@ -61,10 +75,16 @@ REFERENCE = {"name": "none", "family": "none", "footnote": None}
 @dataclass
 class Item:
     index: int
-    prompt: str
+    prompt: str            # the prompt, or a caption of a class-conditional item ("class 207")
     seed: int
     relpath: str           # image path relative to the run's image folder
     original: str | None = None   # the benchmark prompt when the bench rewrites prompts
+    label: int | None = None      # the class label of a class-conditional item (ImageNet)
+
+    @property
+    def condition(self) -> str | int:
+        """What the backbone is conditioned on: the class label where the item has one, else the prompt."""
+        return self.prompt if self.label is None else self.label
 
 
 # ------------------------------------------------------------------ settings
@@ -155,8 +175,9 @@ def limited_prompts(bench: dict) -> list[Prompt]:
 
 
 def bench_items(bench: dict, base_seed: int, prompts=None) -> list[Item]:
-    """Prompts x images_per_prompt in the bench's file layout; seed = base_seed + item index (independent of
-    batching and sharding)."""
+    """Prompts x images_per_prompt in the bench's file layout; seed = base_seed + item index, or base_seed + the
+    prompt's own seed offset + k where the source gives one (ImageNet: per class), independent of batching and
+    sharding."""
     prompts = prompts if prompts is not None else limited_prompts(bench)
     n_per = _int("bench.images_per_prompt", bench.get("images_per_prompt", 1), lo=1)
     layout, fmt = bench.get("layout", "flat"), image_format(bench)[0]
@@ -164,8 +185,8 @@ def bench_items(bench: dict, base_seed: int, prompts=None) -> list[Item]:
     for p in prompts:
         for k in range(n_per):
             i = len(items)
-            items.append(Item(i, p.prompt, base_seed + i, relpath(layout, p.key, p.index, k, n_per, fmt),
-                              getattr(p, "original", None)))
+            seed = base_seed + (i if p.seed is None else p.seed + k)
+            items.append(Item(i, p.prompt, seed, relpath(layout, p.key, p.index, k, n_per, fmt), p.original, p.label))
     return items
 
 
@@ -195,13 +216,15 @@ def generate_items(backbone, method: Method, items: list[Item], rd: RunDir, benc
     for s in range(0, len(todo), batch_size):
         batch = todo[s:s + batch_size]
         rngs = [torch.Generator(device=backbone.device).manual_seed(it.seed) for it in batch]
-        out = generate(backbone, [it.prompt for it in batch], method, rngs[0] if len(rngs) == 1 else rngs)
+        out = generate(backbone, [it.condition for it in batch], method, rngs[0] if len(rngs) == 1 else rngs)
         for it, img, rec in zip(batch, to_uint8(out.images), out.record.per_image()):
             save_image(img, rd.images / it.relpath, **kw)
             rec.update(index=it.index, prompt=it.prompt, seed=it.seed, image=it.relpath, method=method.name,
                        method_summary=out.method_summary, device_name=dev, shard=rd.shard.index)
             if it.original is not None:
                 rec["original_prompt"] = it.original
+            if it.label is not None:
+                rec["label"] = it.label
             rd.append_record(rec)
         bar.update(len(batch))
     bar.close()
@@ -215,7 +238,7 @@ def generate_items(backbone, method: Method, items: list[Item], rd: RunDir, benc
 def _warmup(backbone, method, items, n: int) -> None:
     """Untimed generations so one-off costs (allocator, kernel selection) do not enter the first latency."""
     for it in items[:n]:
-        generate(backbone, [it.prompt], method, torch.Generator(device=backbone.device).manual_seed(it.seed))
+        generate(backbone, [it.condition], method, torch.Generator(device=backbone.device).manual_seed(it.seed))
 
 
 def _finish_layout(bench: dict, rd: RunDir, prompts, items: list[Item]) -> None:
@@ -226,8 +249,41 @@ def _finish_layout(bench: dict, rd: RunDir, prompts, items: list[Item]) -> None:
 
 
 # ------------------------------------------------------------------ scoring
-def score_run(cfg: RunConfig, rd: RunDir, items: list[Item], method_name: str, family: str, ref: RunDir | None) -> dict:
-    """Speed/fidelity against the reference, method metrics, bench metrics -> metrics.json, rows, plot."""
+def item_set(items: list[Item]) -> str:
+    """The key of a set of items in the rows store: its size and a hash of its indices (a limited score and the
+    full run's score are different rows)."""
+    return f"{len(items)}-{run_id({'items': sorted(it.index for it in items)})[:8]}"
+
+
+def stray_images(image_dir: Path, items: list[Item], prompts, bench: dict) -> list[str]:
+    """Image files in a run's image folder that are neither one of ``items`` nor made from them by the layout (DPG's
+    grids): a file a user or another tool left there."""
+    ours = {it.relpath for it in items} | set(derived_files(bench.get("layout", "flat"), prompts, bench))
+    return sorted(str(p.relative_to(image_dir)) for p in Path(image_dir).rglob("*")
+                  if p.suffix.lower() in (".png", ".jpg", ".jpeg") and str(p.relative_to(image_dir)) not in ours)
+
+
+def score_view(rd: RunDir, items: list[Item], prompts, bench: dict, view: Path) -> Path:
+    """``view``: a folder holding exactly ``items`` (links to the run's images) in the bench's layout, with the
+    layout's metadata written for ``prompts`` only: what a scorer reads when part of a run is scored, or when the
+    run's folder holds files that are not its images."""
+    for it in items:
+        dst = view / it.relpath
+        if not dst.is_symlink():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to((rd.images / it.relpath).resolve())
+    fmt, q = image_format(bench)
+    finalize(bench.get("layout", "flat"), view, prompts, int(bench.get("images_per_prompt", 1)), fmt, q or 95)
+    return view
+
+
+def score_run(cfg: RunConfig, rd: RunDir, items: list[Item], method_name: str, family: str, ref: RunDir | None,
+              prompts=None) -> dict:
+    """Speed/fidelity against the reference, method metrics, bench metrics -> metrics.json, rows, plot. Exactly the
+    given items are scored (all metrics over the same images); when they are part of the run (``bench.limit``
+    below what was generated), the rows carry their own item-set key and every output (metrics.json, per-image
+    fidelity, the scorers' files, the method's figures) goes to ``scores.<key>/``, so the full run's scores are
+    never replaced."""
     missing = missing_items(rd, items)
     if missing:
         count = int(((rd.read_meta() or {}).get("identity") or {}).get("shard_count") or 1)
@@ -236,30 +292,52 @@ def score_run(cfg: RunConfig, rd: RunDir, items: list[Item], method_name: str, f
         raise UserError(f"{rd.path}: {len(missing)} of {len(items)} items are missing or unreadable (e.g. item "
                         f"{missing[0].index}: {missing[0].relpath}; shard(s) {shards[:8]} of {count}); run "
                         f"stage=generate (on every shard) to (re)make them")
-    meta = rd.read_meta() or {}
+    meta = rd.read_meta()
+    if meta is None or "spec" not in meta:
+        raise UserError(f"{rd.meta_path()} has no backbone spec (the run was never opened by stage=generate)")
     spec = BackboneSpec.from_dict(meta["spec"])
-    recs = {i: r for i, r in rd.records().items() if i in {it.index for it in items}}
+    all_recs = rd.records()
+    wanted = {it.index for it in items}
+    recs = {i: r for i, r in all_recs.items() if i in wanted}
+    subset = bool(set(all_recs) - wanted)
+    strays = stray_images(rd.images, items, prompts or [], cfg.bench)
     ref_recs = None if ref is None else ref.records()
     if method_name == "none":  # the reference itself: speedup 1 by definition, no fidelity to itself
         ref_recs, ref = recs, None
     root = Path(cfg.results_root).resolve()
     note = build_method(cfg.method).footnote()
+    key = item_set(items)
     base = {"run": str(rd.path.relative_to(root)) if rd.path.is_relative_to(root) else str(rd.path),
             "model": cfg.model["name"], "method": method_name, "family": family, "bench": cfg.bench["name"],
             "overrides": rd.path.name, "git_sha": git_sha(), "run_id": meta.get("run_id"), "note": note,
-            "device": meta.get("device_name")}
+            "device": meta.get("device_name"), "items": key}
+    out_dir = rd.path / f"scores.{key}" if subset else rd.path
+    out_dir.mkdir(exist_ok=True)
+    out_json = out_dir / "metrics.json"
     metrics: dict = {}
 
     def save(new: dict) -> None:
         metrics.update(new)
-        write_json(rd.path / "metrics.json", {k: {"value": v, "n": n} for k, (v, n) in metrics.items()})
+        write_json(out_json, {k: {"value": v, "n": n} for k, (v, n) in metrics.items()})
         store.append_rows(root, [base | {"metric": k, "value": v, "n": n} for k, (v, n) in new.items() if v is not None])
 
-    save(run_metrics(recs, spec, ref_recs, rd.images, ref.images if ref else None))
+    per_image: list = []
+    save(run_metrics(recs, spec, ref_recs, rd.images, ref.images if ref else None, per_image))
+    if per_image:
+        write_jsonl(out_dir / "fidelity.jsonl", per_image)
     save(method_class(family).aggregate([r.get("method_summary") or {} for r in recs.values()]))
-    method_class(family).report(list(recs.values()), rd.path,
+    method_class(family).report(list(recs.values()), out_dir,
                                 f"{cfg.model['name']} / {method_name} / {cfg.bench['name']}")
-    save(bench_metrics(cfg, rd.images, rd.path, len(recs)))   # after speed/fidelity are stored: a scorer error loses nothing
+    if strays and not subset:
+        print(f"[varbench] {len(strays)} file(s) in {rd.images} are not images of this run (e.g. {strays[0]}): the "
+              f"scorers read only the run's items", file=sys.stderr)
+    use_view = (subset or strays) and cfg.bench.get("metrics")
+    image_dir = score_view(rd, items, prompts or [], cfg.bench, rd.path / f"scores.{key}" / "images") if use_view \
+        else rd.images
+    save(bench_metrics(cfg, image_dir, out_dir, len(recs)))   # after speed/fidelity are stored: a scorer error loses nothing
+    if subset:
+        print(f"[varbench] {method_name}: scored {len(items)} of the {len(all_recs)} items of {rd.path} (item set "
+              f"{key}: {out_dir.name}/; the table shows each run's largest item set)")
     return metrics
 
 
@@ -277,6 +355,10 @@ def score_external(cfg: RunConfig, folder: Path) -> dict:
     """``stage=score score_dir=<folder>``: the bench's quality metrics on images made elsewhere (same layout).
     The folder is only read: scores go to ``<results_root>/external/<folder name>-<hash>/``."""
     folder = Path(folder).resolve()
+    if not cfg.bench.get("metrics"):
+        raise UserError(f"bench {cfg.bench['name']!r} has no quality metrics, so score_dir has nothing to score; "
+                        f"name the bench whose layout the folder has (bench=geneval, dpg, mjhq, imagereward, hpsv2, "
+                        f"shapes)")
     if not folder.is_dir():
         raise UserError(f"score_dir {folder} is not a folder")
     if not any(p.suffix.lower() in (".png", ".jpg", ".jpeg") for p in folder.rglob("*")):
@@ -353,23 +435,40 @@ def prepare(cfg: RunConfig, overrides: list[str]) -> Run:
         cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     threads = resolve_threads(cfg.threads, device)
-    method = build_method(cfg.method)                 # fail fast on names and options
+    check_model(cfg.model)                            # fail fast on names and options
+    method = build_method(cfg.method)
     family, fams, backbone_family = method_family(cfg.method), type(method).FAMILIES, model_family(cfg.model)
     if fams is not None and backbone_family not in fams:
         raise UserError(f"method {method.name!r} supports backbone families {', '.join(fams)}, not "
                         f"{backbone_family!r} (model={cfg.model['name']})")
     prompts = limited_prompts(cfg.bench)
     items = bench_items(cfg.bench, cfg.seed, prompts)
+    if cfg.stage == "all":   # a scorer's missing file stops the run now, not after hours of generation
+        for name in cfg.bench.get("metrics") or []:
+            check = metric_check(name)
+            if check is not None:
+                check(cfg.bench)
     main_dir, ref_dir = run_paths(cfg, overrides)
     return Run(cfg, overrides, shard, device, dtype, threads, method, family, prompts, items,
                RunDir(main_dir, shard), RunDir(ref_dir, shard), method.name != "none" and cfg.reference,
                counts={"generated": 0, "reused": len(items)})
 
 
+def image_code(r: Run, method: Method) -> dict[str, str]:
+    """The fingerprint of the code that makes this run's images: the core loop and kernels, the backbone family's
+    folder (sources and shipped weights) and the method's module."""
+    family_dir = Path(sys.modules[type(r.backbone).__module__].__file__).parent
+    return code_fingerprint([REPO / f for f in CORE_IMAGE_CODE] + [family_dir, sys.modules[type(method).__module__].__file__])
+
+
 def generate_stage(r: Run) -> None:
     """Load the model, open the run directory (identity checked, lock taken), generate this shard's missing items."""
     cfg = r.cfg
     r.backbone = build_backbone(cfg.model, r.device, r.dtype, compile=cfg.compile)
+    wants = "class" if any(it.label is not None for it in r.items) else "text"
+    if r.backbone.spec.conditioning != wants:
+        raise UserError(f"bench {cfg.bench['name']!r} gives {'class labels' if wants == 'class' else 'prompts'}, but "
+                        f"model {cfg.model['name']!r} is conditioned on {r.backbone.spec.conditioning}")
     warn = r.method.check_schedule(r.backbone.scales())
     if warn:
         print(f"[varbench] warning: {warn}", file=sys.stderr)
@@ -379,7 +478,8 @@ def generate_stage(r: Run) -> None:
                "footnote": r.method.footnote()}
     if r.use_ref:   # a reference made with other settings stops the run now, not after its images
         r.ref.check(identity(r.ref_cfg.to_dict(), r.device, r.dtype, r.threads))
-    r.rd.open(identity(cfg.to_dict(), r.device, r.dtype, r.threads), r.extra)
+    r.rd.open(identity(cfg.to_dict(), r.device, r.dtype, r.threads), r.extra | {"code": image_code(r, r.method)},
+              code_change=cfg.code_change)
     try:
         _warmup(r.backbone, r.method, r.items, cfg.warmup)
         r.counts = generate_items(r.backbone, r.method, r.items, r.rd, cfg.bench, cfg.batch_size, cfg.progress)
@@ -393,8 +493,9 @@ def reference_stage(r: Run) -> None:
     """The same items with ``method=none`` into the shared reference run (generated once, reused by every method)."""
     if r.use_ref:
         ref_cfg = r.ref_cfg
-        r.ref.open(identity(ref_cfg.to_dict(), r.device, r.dtype, r.threads),
-                   r.extra | {"config": ref_cfg.to_dict(), "footnote": None, "method_status": Method.STATUS})
+        r.ref.open(identity(ref_cfg.to_dict(), r.device, r.dtype, r.threads),   # shared: wait for another writer
+                   r.extra | {"config": ref_cfg.to_dict(), "footnote": None, "method_status": Method.STATUS,
+                              "code": image_code(r, Method())}, wait=True, code_change=r.cfg.code_change)
         try:
             rc = generate_items(r.backbone, Method(), r.items, r.ref, r.cfg.bench, r.cfg.batch_size, r.cfg.progress,
                                 "reference (method=none)")
@@ -427,11 +528,11 @@ def scoring_process(r: Run) -> bool:
 def score_stage(r: Run) -> None:
     """Score the reference (its own row) and the run, over every shard's records."""
     full, full_ref = RunDir(r.rd.path, Shard(0, 1)), RunDir(r.ref.path, Shard(0, 1))
-    if not (r.rd.path / "meta.json").exists():
+    if full.read_meta() is None:          # a damaged meta.json is one line here, before anything is scored
         raise UserError(f"no run at {r.rd.path}: run stage=generate first")
     if r.use_ref and (r.ref.path / "meta.json").exists():
-        score_run(r.ref_cfg, full_ref, r.items, "none", "none", None)
-    r.metrics = score_run(r.cfg, full, r.items, r.method.name, r.family, full_ref if r.use_ref else None)
+        score_run(r.ref_cfg, full_ref, r.items, "none", "none", None, r.prompts)
+    r.metrics = score_run(r.cfg, full, r.items, r.method.name, r.family, full_ref if r.use_ref else None, r.prompts)
 
 
 def report_stage(r: Run) -> None:

@@ -88,16 +88,6 @@ def header_metrics(w) -> dict[str, str]:
     return out
 
 
-def bench_columns(w) -> tuple[list[str], list[str]]:
-    """(quality, extra): the column choice of ``make_tables.py --model M --bench B`` (each ``<bench>_overall`` and its
-    parts first, the other non-speed metrics after the speed columns)."""
-    numeric = [c for c in w.columns if isinstance(c, str) and w[c].dtype.kind in "fi"]
-    quality = sorted(set(numeric) - {m for m, _, _ in tables.SPEED_COLUMNS} - {"gflops", "images"})
-    prefixes = sorted({c.rsplit("_", 1)[0] for c in quality if c.endswith("_overall")})
-    first = tables.quality_columns(w, prefixes)
-    return first, [c for c in quality if c not in first]
-
-
 def runs_table(title: str, w, md: str, pages: dict[str, str]) -> Table:
     _, head, rows, notes = split_markdown(md)
     hm = header_metrics(w)
@@ -343,7 +333,7 @@ class Builder:
     def bench_page(self, df, group: tuple[str, str], runs: dict[str, Run], pages: dict[str, str], name: str) -> dict:
         model, bench = group
         w = tables.wide(df, model, bench)
-        quality, extra = bench_columns(w)
+        quality, extra = tables.bench_columns(w)
         table = runs_table(f"{model} / {bench}", w, tables.markdown(w, extra=extra, quality=quality), pages)
         ordered = [runs[k] for k in w["run"] if k in runs]
         ref = self.reference(ordered)
@@ -437,7 +427,7 @@ class Builder:
 
     def run_page(self, df, run: Run, runs: dict[str, Run], pages: dict[str, str], bench_page: str) -> None:
         w = tables.wide(df[df.run == run.run])
-        quality, extra = bench_columns(w)
+        quality, extra = tables.bench_columns(w)
         table = runs_table(run.label, w, tables.markdown(w, extra=extra, quality=quality), pages)
         recs = [run.records[i] for i in sorted(run.records)]
         ref = self.reference([r for r in runs.values() if (r.model, r.bench) == (run.model, run.bench)])

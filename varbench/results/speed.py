@@ -7,7 +7,10 @@
                 entropy pass, SparVAR's decision passes), only for methods that report them
   flop_speedup_with_method  Σ reference FLOPs / Σ (FLOPs + method FLOPs): the FLOP-ideal speedup with them
   tokens_frac   transformer tokens computed (Σ over scales, layers, rows) / the reference's
-  psnr, ssim    to the reference image of the same prompt and seed (PSNR of identical images capped at 100 dB)
+  psnr          10·log10(1 / mean MSE) over the images, each against the reference image of the same prompt and
+                seed (identical images contribute MSE 0; absent when every image is identical)
+  ssim          mean SSIM to the reference images
+  identical_frac  share of images bit-identical to their reference
   peak_mem_gb   max over images (GPU allocator peak; on CPU the process's max RSS)
 and, for methods that report them in their summary, activation_rate and t_star_mean (NOVA).
 Reference latencies come from the reference run's records: when that run was cached from an earlier process,
@@ -17,11 +20,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from varbench.results.fidelity import fidelity_per_image
 from varbench.backbones.base import BackboneSpec
 from varbench.flops import generation_flops, method_flops
+from varbench.results.fidelity import fidelity_per_image, psnr_of_mse
 
-PSNR_CAP = 100.0
+PSNR_CAP = 100.0   # display cap for a single identical image's PSNR (report grids); never enters a run's mean
 
 
 def _tokens(rec: dict) -> float:
@@ -46,8 +49,10 @@ def memory_metrics(recs: list[dict]) -> dict[str, tuple[float, int]]:
 
 
 def run_metrics(recs: dict[int, dict], spec: BackboneSpec, ref: dict[int, dict] | None = None,
-                image_dir: Path | None = None, ref_dir: Path | None = None) -> dict[str, tuple[float, int]]:
-    """metric -> (value, n). ``recs``/``ref``: index -> per-image record (records.jsonl)."""
+                image_dir: Path | None = None, ref_dir: Path | None = None,
+                per_image: list | None = None) -> dict[str, tuple[float, int]]:
+    """metric -> (value, n). ``recs``/``ref``: index -> per-image record (records.jsonl). ``per_image``: a list the
+    per-image fidelity values (mse, psnr, ssim, identical) are appended to."""
     idx = sorted(recs)
     out = {"latency_s": (_mean([recs[i]["time_per_image_s"] for i in idx]), len(idx)),
            "peak_mem_gb": (max(recs[i]["peak_memory_bytes"] for i in idx) / 2**30, len(idx))}
@@ -75,6 +80,9 @@ def run_metrics(recs: dict[int, dict], spec: BackboneSpec, ref: dict[int, dict] 
     if image_dir is not None and ref_dir is not None:
         fid = fidelity_per_image(image_dir, ref_dir, [recs[i]["image"] for i in common])
         if fid:
-            out["psnr"] = (_mean([min(f["psnr"], PSNR_CAP) for f in fid]), len(fid))
+            out["psnr"] = (psnr_of_mse(_mean([f["mse"] for f in fid])), len(fid))
             out["ssim"] = (_mean([f["ssim"] for f in fid]), len(fid))
+            out["identical_frac"] = (sum(f["identical"] for f in fid) / len(fid), len(fid))
+            if per_image is not None:
+                per_image += fid
     return out

@@ -5,10 +5,12 @@ Row fields:
   model, method, family, bench, overrides   what was run (family: the method's class; fastvar_hart -> fastvar) (overrides: the settings that change images, as in the run name)
   metric     e.g. latency_s, speedup, flop_speedup, psnr, ssim, tokens_frac, activation_rate
   value, n   the aggregate and how many images it is over
+  items      the item set scored: "<count>-<hash of the item indices>" (a bench.limit score is its own row)
   note       the method's footnote (reconstructed method, our port, our reading ...), shown under tables
   device     where the images were made (speed columns compare rows of one device type only)
   run_id, git_sha, time   provenance (time: ISO-8601, UTC)
-Loading keeps the newest row per (run, metric): re-running or re-scoring replaces, never duplicates. A torn or
+Loading keeps the newest row per (run, metric, items): re-running or re-scoring the same items replaces, never
+duplicates; scoring part of a run adds rows beside the full run's (tables show the largest item set, with its n). A torn or
 non-numeric line (killed writer, hand edit) is skipped with one warning line instead of breaking every table.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pandas as pd
 
 from varbench.io import append_jsonl, iter_jsonl
 
-FIELDS = ("run", "model", "method", "family", "bench", "overrides", "metric", "value", "n", "note", "device",
+FIELDS = ("run", "model", "method", "family", "bench", "overrides", "metric", "value", "n", "items", "note", "device",
           "run_id", "git_sha", "time")
 
 
@@ -52,5 +54,6 @@ def load(results_root: Path) -> pd.DataFrame:
     df = pd.DataFrame(recs, columns=list(FIELDS))
     if len(df):
         df["value"] = df["value"].astype(float)
-        df = df.drop_duplicates(["run", "metric"], keep="last").reset_index(drop=True)
+        df["items"] = df["items"].fillna("")
+        df = df.drop_duplicates(["run", "metric", "items"], keep="last").reset_index(drop=True)
     return df

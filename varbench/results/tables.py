@@ -13,6 +13,7 @@ SPEED_COLUMNS = [
     ("tokens_frac", "Tokens computed", "{:.1%}"),
     ("psnr", "PSNR (dB)↑", "{:.2f}"),
     ("ssim", "SSIM↑", "{:.4f}"),
+    ("identical_frac", "Identical", "{:.0%}"),
     ("peak_mem_gb", "Peak mem (GB)", "{:.2f}"),
     ("kv_mb", "KV MB↓", "{:.2f}"),         # most KV-cache bytes held at once (varbench/records.py)
     ("peak_mb", "peak MB↓", "{:.1f}"),     # GPU allocator peak; CPU: bytes of the tensors the loop holds
@@ -41,9 +42,14 @@ def wide(df, model: str | None = None, bench: str | None = None):
     if not len(df):
         return df
     keys = ["model", "bench", "method", "overrides", "run"]
+    # per run and metric, the largest item set scored (a bench.limit re-score never hides the full run), newest first
+    df = df.assign(_n=df["n"].fillna(0)).sort_values(["_n", "time"], kind="stable")
+    df = df.drop_duplicates(["run", "metric"], keep="last")
+    lat = df[df.metric == "latency_s"].set_index("run")["_n"]      # images per run: the n of its latency
+    images = lat.combine_first(df.groupby("run")["_n"].max()).rename("images")
     w = df.pivot_table(index=keys, columns="metric", values="value", aggfunc="last").reset_index()
     side = df.sort_values("time").groupby("run")[["note", "device"]].last()
-    w = w.join(side, on="run")
+    w = w.join(side, on="run").join(images, on="run")
     w["_ref_first"] = w["method"] != "none"
     return w.sort_values(["model", "bench", "_ref_first", "method", "overrides"]).drop(columns="_ref_first")
 
@@ -57,18 +63,28 @@ def quality_columns(w, prefixes: list[str]) -> list[str]:
     return out
 
 
+def bench_columns(w) -> tuple[list[str], list[str]]:
+    """(quality, extra) of a (model, bench) table: each ``<bench>_overall`` and its parts first, the other non-speed
+    metrics after the speed columns (``make_tables.py --model M --bench B`` and the report use this one choice)."""
+    numeric = [c for c in w.columns if isinstance(c, str) and w[c].dtype.kind in "fi"]
+    quality = sorted(set(numeric) - {m for m, _, _ in SPEED_COLUMNS} - {"gflops", "images"})
+    prefixes = sorted({c.rsplit("_", 1)[0] for c in quality if c.endswith("_overall")})
+    first = quality_columns(w, prefixes)
+    return first, [c for c in quality if c not in first]
+
+
 def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None, quality: list[str] | None = None) -> str:
     """Markdown table; missing cells show as '—', never as a number. ``quality`` columns come first. Footnotes come
     from the rows (each method declares its own); a table whose speed rows come from several device types says so."""
     q = [(m, m.replace("_", " "), "{:.3f}") for m in (quality or []) if m in w.columns]
     known = {c[0] for c in columns} | {m for m, _, _ in q} | {"model", "bench", "method", "overrides", "run", "note",
-                                                                 "device", "gflops"}
+                                                                 "device", "gflops", "images"}
     flags = [c for c in w.columns if isinstance(c, str) and c.endswith(STANDIN)]
     known |= set(flags)
     auto = [c for c in w.columns if isinstance(c, str) and c not in known and c not in (extra or [])]
     cols = q + [c for c in columns if c[0] in w.columns] + [(m, m, "{:.4g}") for m in list(extra or []) + auto
                                                             if m in w.columns]
-    head = ["Model", "Bench", "Method"] + [h for _, h, _ in cols]
+    head = ["Model", "Bench", "Method", "n"] + [h for _, h, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes: list[str] = []
     for _, r in w.iterrows():
@@ -80,7 +96,7 @@ def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None, quality: 
                     notes.append(note)
                 mark += f"[{notes.index(note) + 1}]"
         name = r["method"] + mark + (f" ({r['overrides']})" if r.get("overrides") not in (None, "", "default") else "")
-        cells = [r["model"], r["bench"], name] + [_fmt(r.get(m), f) for m, _, f in cols]
+        cells = [r["model"], r["bench"], name, _fmt(r.get("images"), "{:.0f}")] + [_fmt(r.get(m), f) for m, _, f in cols]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     devices = sorted({_kind(d) for d in w.get("device", []) if isinstance(d, str)})
     if len(devices) > 1:

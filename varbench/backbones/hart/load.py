@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from varbench import config_checks as cc
 from varbench.backbones.hart.backbone import HARTBackbone, HARTSampling
 from varbench.backbones.hart.model import HARTTransformer
 from varbench.backbones.hart.text import QwenTextEncoder, TinyTextEncoder
@@ -203,6 +204,28 @@ def check_official_configs(mcfg, paths: dict) -> list[str]:
     return out
 
 
+MODEL_KEYS = ("name", "family", "seed", "arch", "vae", "text", "sampling", "rule_widths", "files", "weights_dir",
+              "weights_subdir", "trust_pickle", "use_ema", "init_on_device")
+
+
+def check_config(m: dict) -> None:
+    """A HART model config's keys and sampling values, checked before anything is built (one line each)."""
+    cc.keys(m, MODEL_KEYS, "model")
+    cc.keys(m.get("text"), ("system_prompt",), "model.text")
+    smp = cc.keys(m.get("sampling"), [f.name for f in dataclasses.fields(HARTSampling)], "model.sampling")
+    if "cfg" in smp:
+        cc.number(smp["cfg"], "model.sampling.cfg", lo=0)
+    if "top_p" in smp:
+        cc.number(smp["top_p"], "model.sampling.top_p", lo=0, hi=1)
+    for k in ("top_k_early", "top_k_late", "top_k_switch", "final_stage"):
+        if k in smp:
+            cc.integer(smp[k], f"model.sampling.{k}", lo=0)
+    if "diffusion_temperature" in smp:
+        cc.number(smp["diffusion_temperature"], "model.sampling.diffusion_temperature", lo=0, lo_open=True)
+    if "diffusion_noise" in smp:
+        cc.choice(smp["diffusion_noise"], "model.sampling.diffusion_noise", ("rng", "global"))
+
+
 def sampling_from_config(s: dict) -> HARTSampling:
     known = [f.name for f in dataclasses.fields(HARTSampling)]
     unknown = sorted(set(s) - set(known))
@@ -214,6 +237,7 @@ def sampling_from_config(s: dict) -> HARTSampling:
 
 def build_hart(mcfg, device="cpu", dtype="fp32") -> HARTBackbone:
     """``mcfg``: a model config node (``conf/model/hart_0.7b.yaml``, ``hart_tiny_random.yaml``)."""
+    check_config(mcfg)
     arch, vcfg = dict(mcfg["arch"]), dict(mcfg["vae"])
     tcfg = dict(mcfg.get("text") or {})
     if mcfg.get("files"):

@@ -8,15 +8,17 @@ longer or shorter than ``text_maxlen`` (trimmed / padded with our init, like the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import torch
 
+from varbench import config_checks as cc
 from varbench.backbones.infinity.backbone import InfinityBackbone, Sampling
 from varbench.backbones.infinity.model import InfinityTransformer
-from varbench.backbones.infinity.schedules import schedule_from_config
+from varbench.backbones.infinity.schedules import PN_TO_NUM_SCALES, TEMPLATES, schedule_from_config
 from varbench.backbones.infinity.text import T5TextEncoder
 from varbench.backbones.infinity.vae import BSQVAE, load_vae_state_dict
 from varbench.errors import UserError
@@ -100,6 +102,53 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
+# ---------------------------------------------------------------- config
+MODEL_KEYS = ("name", "family", "seed", "arch", "vae", "text", "schedule", "sampling", "files", "package_weights",
+              "weights_dir", "trust_pickle", "init_on_device")
+ARCH_KEYS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "block_chunks", "text_channels", "text_maxlen")
+VAE_KEYS = ("codebook_dim", "base_ch", "ch_mult", "num_res_blocks", "patch_size", "patchify")
+
+
+def check_config(m: dict) -> None:
+    """Every field of an Infinity model config, checked before anything is built (one line each): unknown keys,
+    the schedule (an official ``pn`` and an exact template ``h_div_w``, or explicit ``hws``; never both), and the
+    sampling values (cfg >= 0, tau > 0, top_k >= 0, top_p in [0, 1], per-scale lists as long as the schedule)."""
+    cc.keys(m, MODEL_KEYS, "model")
+    a = cc.keys(m.get("arch"), ARCH_KEYS, "model.arch")
+    for k in ("depth", "embed_dim", "num_heads", "block_chunks", "text_channels", "text_maxlen"):
+        if k in a:
+            cc.integer(a[k], f"model.arch.{k}", lo=1)
+    cc.keys(m.get("vae"), VAE_KEYS, "model.vae")
+    cc.keys(m.get("text"), ("layers", "heads"), "model.text")
+    s = cc.keys(m.get("schedule"), ("h_div_w", "pn", "hws", "rule_widths"), "model.schedule")
+    if s.get("hws") is not None:
+        extra = [k for k in ("pn", "h_div_w") if s.get(k) is not None]
+        if extra:
+            raise UserError(f"model.schedule.{extra[0]} cannot be combined with model.schedule.hws (this model's "
+                            f"explicit scales); drop one of them")
+    else:
+        cc.choice(str(s.get("pn")), "model.schedule.pn", list(PN_TO_NUM_SCALES))
+        hw = s.get("h_div_w", 1.0)
+        cc.number(hw, "model.schedule.h_div_w", lo=0, lo_open=True)
+        if not any(abs(float(hw) - t) < 1e-6 for t in TEMPLATES):
+            raise UserError(f"model.schedule.h_div_w={hw} is not one of Infinity's aspect-ratio templates "
+                            f"({', '.join(f'{t:g}' for t in sorted(TEMPLATES))}); the official code snaps to the "
+                            f"nearest one: name that one, so the run records what it used")
+    n = len(schedule_from_config(s).hws)
+    smp = cc.keys(m.get("sampling"), [f.name for f in dataclasses.fields(Sampling)], "model.sampling")
+    if "cfg" in smp:
+        cc.number(smp["cfg"], "model.sampling.cfg", lo=0, n_scales=n)
+    if "tau" in smp:
+        cc.number(smp["tau"], "model.sampling.tau", lo=0, lo_open=True, n_scales=n)
+    if "top_k" in smp:
+        cc.integer(smp["top_k"], "model.sampling.top_k", lo=0)
+    if "top_p" in smp:
+        cc.number(smp["top_p"], "model.sampling.top_p", lo=0, hi=1)
+    if "cfg_insertion_layer" in smp:
+        cc.integer(smp["cfg_insertion_layer"], "model.sampling.cfg_insertion_layer", lo=1 - int(a.get("depth", 1)),
+                   hi=0)
+
+
 # ---------------------------------------------------------------- build
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -158,6 +207,7 @@ def build_infinity(mcfg, device="cpu", dtype="fp32", compile: bool = False) -> I
 
     Weights: official files (``files``), the project's own trained weights (``package_weights``), or, with
     neither, drawn from ``seed``. ``compile``: ``torch.compile`` the blocks' pure parts (``compile_blocks``)."""
+    check_config(mcfg)
     a, v = mcfg["arch"], mcfg["vae"]
     paths = None
     if mcfg.get("files"):
