@@ -11,8 +11,9 @@ architecture, schedule and sampling settings (``varbench/harness/official.py``; 
 it is not installed, and the table says so). Runs are round-robin: each round runs every runner once per prompt,
 and the order of the runners rotates from round to round, so load drift hits all alike. The table prints the
 per-image latency's min / median / max over the rounds and the spread (max-min)/median; a wide spread prints a
-warning (trust the ratio of minima more than that of medians then). ``--threads``/``--pin`` fix the thread count
-and the CPU affinity. ``--profile`` adds a breakdown per image from ``torch.profiler`` ranges
+warning (trust the ratio of minima more than that of medians then); a single round (``--repeats 1``) has no spread
+at all, so its spread column is blank and a warning says so. ``--threads`` (default: run.py's, 1 on the CPU) and
+``--pin`` fix the thread count and the CPU affinity. Progress (build, warmup, each round) goes to stderr as it works. ``--profile`` adds a breakdown per image from ``torch.profiler`` ranges
 (``varbench/profiling.py``): blocks, attention, KV cache, head, sampling and the method's bookkeeping.
 
 ``--random-weights`` builds the architecture with seeded weights drawn on the device (speed only: images and any
@@ -71,10 +72,16 @@ def compose(group: str, name: str, sets: list[str]) -> dict:
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
+    from varbench.harness.cli import compose_error
+
     register()
-    over = [f"{group}={name}"] + [f"{group}.{s.split('.', 1)[1]}" for s in sets if s.split(".", 1)[0] in (name, group)]
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return OmegaConf.to_container(getattr(hcompose("config", overrides=over), group), resolve=True)
+    mine = [s for s in sets if s.split(".", 1)[0] in (name, group)]
+    over = [f"{group}={name}"] + [f"{group}.{s.split('.', 1)[1]}" for s in mine]
+    try:
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            return OmegaConf.to_container(getattr(hcompose("config", overrides=over), group), resolve=True)
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf raise many kinds: one line, as run.py prints them
+        raise UserError(f"--set {' '.join(mine) or name}: {compose_error(e)}") from None
 
 
 def parse(argv):
@@ -93,7 +100,9 @@ def parse(argv):
     ap.add_argument("--compile", action="store_true",
                     help="also time each of our runs with compile=true (rows <name>+compile, same weights; their "
                          "speedups divide none+compile; compiled during the warmup runs)")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
+    ap.add_argument("--threads", default="auto",
+                    help="torch intra-op threads on the CPU (default auto: run.py's default, 1; images and timings "
+                         "depend on it)")
     ap.add_argument("--pin", default="", help="CPU affinity, e.g. 0,1 or 0-3 (Linux)")
     ap.add_argument("--spread-warn", type=float, default=0.10, help="warn when (max-min)/median exceeds this")
     ap.add_argument("--json", metavar="PATH", help="also write every figure of the table (and the setup) as JSON")
@@ -122,6 +131,12 @@ def validate(a) -> None:
     for s in a.set:
         if "=" not in s or "." not in s.split("=", 1)[0]:
             raise UserError(f"--set wants <method or model>.<key>=<value>, got {s!r}")
+        target = s.split(".", 1)[0]
+        if target not in {"model", "method", a.model, *names}:   # it would apply to nothing: refused, not ignored
+            raise UserError(f"--set {s}: {target!r} is neither the model ({a.model}) nor one of --methods "
+                            f"({', '.join(names)}){did_you_mean(target, [a.model, *names])}")
+    if a.threads != "auto" and not (str(a.threads).isdigit() and int(a.threads) >= 1):
+        raise UserError(f"--threads must be auto or an integer >= 1, got {a.threads!r}")
     if a.prompts < 1 or a.repeats < 1 or a.warmup < 0:
         raise UserError("--prompts and --repeats must be >= 1, --warmup >= 0")
     if a.official:
@@ -148,6 +163,11 @@ def fmt_mb(n) -> str:
     return "—" if not n else f"{n / 2**20:.2f}"
 
 
+def progress(msg: str) -> None:
+    """A progress line on stderr (the table on stdout stays clean)."""
+    print(f"[bench_speed] {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     validate(a)
@@ -160,13 +180,12 @@ def main(argv=None) -> int:
     from varbench.backbones.infinity.model import CrossAttention
     from varbench.flops import generation_flops
     from varbench.harness.registry import build_backbone, build_method, check_compile
-    from varbench.harness.runner import resolve_device
+    from varbench.harness.runner import resolve_device, resolve_threads
     from varbench.loop import generate
     from varbench.records import peak_memory_bytes, reset_peak_memory, sync
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     device, dtype = resolve_device(a.device, a.dtype)
+    resolve_threads(a.threads, device)   # run.py's rule: auto = 1 on the CPU (and recorded in the header)
     mcfg = compose("model", a.model, a.set)
     names = [n for n in a.methods.split(",") if n]
     names = ["none"] + [n for n in names if n != "none"]
@@ -179,14 +198,17 @@ def main(argv=None) -> int:
     if a.official and mcfg.get("family") != "infinity":
         raise UserError(f"--official compares with FoundationVision/Infinity; model {a.model!r} is "
                         f"{mcfg.get('family')!r}")
+    progress(f"building {a.model} on {device} ({dtype}) ...")
     t_build = time.perf_counter()
     bb = build_backbone(mcfg, device, dtype)
     sync(bb.device)
     t_build = time.perf_counter() - t_build
+    progress(f"built in {t_build:.1f} s")
     official, t_official = None, 0.0
     if a.official:
         from varbench.harness.official import build_official
 
+        progress(f"building the official model from {a.official} ...")
         t_official = time.perf_counter()
         official = build_official(a.official, bb, mcfg)
         sync(bb.device)
@@ -234,13 +256,16 @@ def main(argv=None) -> int:
     flops, peak = {n: [] for n in order}, {n: 0 for n in order}
     kvpk, held = {n: 0 for n in order}, {n: 0 for n in order}   # KV-cache peak, loop-held tensors peak (every device)
     t_warm = time.perf_counter()
-    for n in order:
+    for k, n in enumerate(order):
+        if a.warmup:
+            progress(f"warmup {k + 1}/{len(order)}: {n} ({a.warmup} run(s))")
         for _ in range(a.warmup):
             runners[n](0, prompts[0])
     t_warm = time.perf_counter() - t_warm
 
     per_round = {n: [] for n in order}  # mean per-image latency of each round
     for r in range(a.repeats):
+        progress(f"round {r + 1}/{a.repeats}: {len(order)} runners x {len(prompts)} prompt(s)")
         rot = order[r % len(order):] + order[: r % len(order)]
         sums = {n: 0.0 for n in order}
         for i, p in enumerate(prompts):
@@ -261,8 +286,12 @@ def main(argv=None) -> int:
     if a.compile:
         bb.model.compile_blocks(False)   # the equality check and the profile run the eager kernels
 
+    if official is not None:
+        progress("end-to-end equality check with the official code ...")
     equality = equality_check(bb, official, prompts[0], CrossAttention) if official is not None else None
 
+    if a.profile:
+        progress("profiling ...")
     prof = profile(bb, methods, prompts, generate, profiling) if a.profile else None
 
     # ---------------------------------------------------------------- the table
@@ -291,14 +320,14 @@ def main(argv=None) -> int:
     wide, rows = [], []
     for n in order:
         lo, med, hi = stat[n]
-        spread = (hi - lo) / med if med > 0 else 0.0
-        if spread > a.spread_warn:
+        spread = (hi - lo) / med if med > 0 and a.repeats > 1 else None   # one round: no spread to speak of
+        if spread is not None and spread > a.spread_warn:
             wide.append(f"{n} {spread:.0%}")
         ideal = bflops / sum(flops[n]) if sum(flops[n]) else float("nan")
         bmin, base, _ = stat["none+compile" if n.endswith("+compile") else "none"]   # same-kernel baseline
         real = base / med
         vs_off = f"{med / stat['official'][1]:.2f}x" if official is not None else "—"
-        print(f"| {n} | {lo:.3f} | {med:.3f} | {hi:.3f} | {spread:.0%} | {real:.2f}x | {bmin / lo:.2f}x | "
+        print(f"| {n} | {lo:.3f} | {med:.3f} | {hi:.3f} | {'—' if spread is None else f'{spread:.0%}'} | {real:.2f}x | {bmin / lo:.2f}x | "
               f"{ideal:.2f}x | {real / ideal:.0%} | {vs_off} | {fmt_bytes(peak[n])} | {fmt_mb(kvpk[n])} | "
               f"{fmt_mb(held[n])} |")
         rows.append({"run": n, "min_s": lo, "median_s": med, "max_s": hi, "rounds_s": per_round[n], "spread": spread,
@@ -315,6 +344,10 @@ def main(argv=None) -> int:
                   f"{stat['none+compile'][0] / lo:.2f}x (minima); speedups of +compile rows divide none+compile")
     if equality:
         print(equality)
+    if a.repeats == 1:
+        print("\nWARNING: --repeats 1: one round, so every figure is a single sample: there is no spread (column "
+              "blank), min = median = max, and a speedup or realized/ideal can be far off (load drift is not averaged "
+              "out); use --repeats 5 or more for numbers to report.", file=sys.stdout)
     if wide:
         print(f"\nWARNING: wide spread (> {a.spread_warn:.0%}): {', '.join(wide)}. The machine is loaded or noisy: the "
               f"ratio of minima is the more trustworthy one; rerun with more --repeats, --threads/--pin, on a quiet "

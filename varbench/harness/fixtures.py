@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from varbench.backbones.infinity.backbone import InfinityBackbone, Sampling
@@ -45,7 +46,8 @@ from varbench.loop import generate
 from varbench.tokens import Selection
 
 REQUIRED_META = ("infinity", "vae", "sampling", "scale_schedule")
-SUPPORTED = "Infinity (infinity/*_meta.json), FastVAR on Infinity (fastvar/meta.json), SkipVAR (skipvar/meta.json)"
+SUPPORTED = ("Infinity (infinity/*_meta.json), FastVAR on Infinity (fastvar/meta.json), SkipVAR (skipvar/meta.json), "
+             "HART (hart/*_meta.json), VAR (var/*_meta.json)")
 
 
 def read_meta(meta_path: str | Path) -> dict:
@@ -577,10 +579,14 @@ def check_fixture(meta_path: str | Path) -> list[Check]:
 
 
 def _check_fixture(meta_path: str | Path) -> list[Check]:
-    meta = json.loads(Path(meta_path).read_text())
+    meta = read_meta(meta_path)
     if (meta.get("transformer_config") or {}).get("model_type") == "hart_transformer_t2i":
         return check_hart_fixture(meta_path)
     if is_var_meta(meta):  # VAR: a "config" with num_classes (varbench/harness/fixtures_var.py)
-        return check_var_fixture(meta_path, meta)
+        try:
+            return check_var_fixture(meta_path, meta)
+        except SafetensorError as e:   # a torn file beside the meta: one line, as the other families
+            raise UserError(f"{meta_path}: a file of this fixture is not a readable safetensors file "
+                            f"({str(e).splitlines()[0]})") from None
     src = json.dumps(meta.get("source", "")).lower()
     return check_skipvar_fixture(meta_path) if "skipvar" in src else check_infinity_fixture(meta_path)

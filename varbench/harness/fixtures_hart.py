@@ -57,10 +57,27 @@ def fixture_files(meta_path: str | Path, meta: dict | None = None) -> dict[str, 
             "vae": d / f"{pre}tokenizer_vae_weights.safetensors", "tensors": d / f"{pre}tensors.safetensors"}
 
 
+REQUIRED_META = ("transformer_config", "tokenizer_config", "sampling")
+
+
 def _tensors(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: missing (a fixture's files lie beside its meta file, named <tag>_*)")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors reports a torn or corrupt file with its own error types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable safetensors file ({msg})") from None
+
+
+def _load_strict(module: torch.nn.Module, path: Path) -> None:
+    """The fixture's weights into ``module`` strictly; a file that does not fit the meta's architecture is one line."""
+    try:
+        module.load_state_dict(_weights(path), strict=True)
+    except RuntimeError as e:
+        detail = " ".join(ln.strip() for ln in str(e).splitlines()[1:2])[:240]
+        raise UserError(f"{path}: does not fit the architecture in the meta file (damaged or from another fixture: "
+                        f"{detail})") from None
 
 
 def _weights(path: Path) -> dict:
@@ -78,11 +95,15 @@ def build_from_meta(meta_path: str | Path):
     """(backbone, tensors, meta) with the fixture's weights loaded strictly."""
     meta_path = Path(meta_path)
     meta = json.loads(meta_path.read_text())
+    missing = [k for k in REQUIRED_META if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise UserError(f"{meta_path}: a HART fixture meta file needs {', '.join(REQUIRED_META)}; "
+                        f"{', '.join(missing)} missing or not an object (damaged?)")
     files = fixture_files(meta_path, meta)
     arch, vcfg = arch_from_official(meta["transformer_config"], meta["tokenizer_config"])
     tf, vae = new_modules(arch, vcfg)
-    tf.load_state_dict(_weights(files["transformer"]), strict=True)
-    vae.load_state_dict(_weights(files["vae"]), strict=True)
+    _load_strict(tf, files["transformer"])
+    _load_strict(vae, files["vae"])
     t = _tensors(files["tensors"])
     s = meta["sampling"]
     smp = HARTSampling(cfg=s["cfg"], top_p=s["top_p"], more_smooth=bool(s["more_smooth"]),
@@ -99,8 +120,18 @@ def _run(bb: HARTBackbone, B: int, torch_seed: int, rng=None):
         return generate(bb, [""] * B, Method(), rng)
 
 
-@torch.no_grad()
 def check_hart_fixture(meta_path: str | Path) -> list[Check]:
+    """The checks listed in the module docstring. A meta or tensors file that lacks an entry the checks read (a
+    damaged or foreign fixture) is one line naming the entry, not a KeyError."""
+    try:
+        return _check_hart_fixture(meta_path)
+    except KeyError as e:
+        raise UserError(f"{meta_path}: the fixture has no {e.args[0]!r} (a damaged meta or tensors file, or a fixture "
+                        f"made by another version of the script)") from None
+
+
+@torch.no_grad()
+def _check_hart_fixture(meta_path: str | Path) -> list[Check]:
     bb, t, meta = build_from_meta(meta_path)
     s = meta["sampling"]
     B, n_sc, seed = int(s["B"]), len(bb.scales()), int(s["torch_manual_seed_before_call"])
