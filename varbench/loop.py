@@ -46,9 +46,10 @@ def _replace_kv(kv: Any, k: torch.Tensor, v: torch.Tensor) -> None:
 def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos: Any, cond: Any, kv: Any,
                segs: list[int], scale: Any, sctx: ScaleCtx, rec_tokens: list[float],
                rec_keys: list[float], rec_kv: list[list] | None = None,
-               mem: MemoryTracker | None = None) -> torch.Tensor:
+               mem: MemoryTracker | None = None, rec_kept: list | None = None) -> torch.Tensor:
     """One block: token selection and restoration per unit (the whole block, or each branch); then the method's
-    ``compress_kv`` on the layer's cache. ``rec_kv``: [attended, kept, bytes] lists this layer appends to."""
+    ``compress_kv`` on the layer's cache. ``rec_kv``: [attended, kept, bytes] lists this layer appends to;
+    ``rec_kept``: the first unit's kept token indices of row 0 (None: every token) are appended to it."""
     units = [backbone.spec.branches] if method.granularity == "block" else [(b,) for b in backbone.spec.branches]
     kv_before = kv.length
     lctx = LayerCtx(sctx, li, kv_len=kv_before, kv_segments=tuple(segs),
@@ -70,6 +71,8 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
         lctx.branch = None if method.granularity == "block" else unit[0]
         with prange("vb.method.select"):
             sel = method.select(lctx, x)
+        if rec_kept is not None and unit is units[0]:
+            rec_kept.append(None if sel is None else sel.keep_idx[0].tolist())
         if sel is None:
             xk, pk = x, pos
         else:
@@ -116,10 +119,11 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
 
 @torch.no_grad()
 def generate(backbone: Backbone, conditions: list[Condition], method: Method | None = None,
-             rng: torch.Generator | list[torch.Generator] | None = None) -> GenOutput:
+             rng: torch.Generator | list[torch.Generator] | None = None, record_maps: bool = False) -> GenOutput:
     """Generate one batch of images, one per condition: a prompt (str) or a class label (int), as the backbone
     takes (it checks the kind: one line otherwise). ``rng`` drives sampling: one generator, one per image (a
-    batch then draws what single runs would), or None (the global RNG)."""
+    batch then draws what single runs would), or None (the global RNG). ``record_maps``: the record keeps which
+    tokens each (scale, layer) computed (``kept_maps``; large at 1024², so off by default)."""
     method = method or Method()
     dev, spec = backbone.device, backbone.spec
     rec = GenRecord(batch=len(conditions))
@@ -172,9 +176,12 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
                 pos = backbone.positions(cond, scale)
             tokens, keys, kvrec = [], [], ([], [], [])
             mem.held = tensor_bytes(cond, state)
+            kept = [] if record_maps else None
             for li in range(spec.depth):
                 x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], segs[li], scale, sctx, tokens, keys,
-                               kvrec, mem)
+                               kvrec, mem, kept)
+            if kept and any(k is not None for k in kept):
+                rec.kept_maps = (rec.kept_maps or {}) | {str(info.si): kept}
             rec.tokens.append(tokens)
             rec.attn_keys.append(keys)
             rec.kv_len.append(kvrec[0])     # keys each layer attended at this scale (FLOPs), before compression

@@ -118,6 +118,7 @@ class GenRecord:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     batch: int = 1
+    kept_maps: dict | None = None    # record_maps: {si: [per layer: kept token indices of row 0, or None = all]}
 
     def per_image(self) -> list[dict]:
         d = asdict(self)

@@ -80,12 +80,13 @@ class RunConfig:
     results_root: str = "${oc.env:" + RESULTS_ENV + ",results}"   # $VARBENCH_RESULTS, else ./results
     run_dir: Optional[str] = None  # explicit run directory (default: <results_root>/runs/<model>/<bench>/<method>/<tag>)
     code_change: str = "stop"      # resuming a run whose image-making code changed: stop (one line) | keep
+    record_maps: bool = False      # records keep the tokens each (scale, layer) computed (report masks; large)
 
     def __post_init__(self):
         self.seed = _int("seed", self.seed, lo=0)
         self.batch_size = _int("batch_size", self.batch_size, lo=1)
         self.warmup = _int("warmup", self.warmup, lo=0)
-        for key in ("compile", "reference", "wandb", "progress"):
+        for key in ("compile", "reference", "wandb", "progress", "record_maps"):
             setattr(self, key, _bool(key, getattr(self, key)))
         if self.stage not in STAGES:
             raise UserError(f"stage must be generate, score or all, got {self.stage!r}")

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # config keys that do not change a single image: left out of the identity (and of the directory name)
 NON_IDENTITY = ("stage", "progress", "results_root", "score_dir", "score_model", "wandb", "wandb_project", "reference",
-                "warmup", "run_dir", "shard", "experiment", "code_change")
+                "warmup", "run_dir", "shard", "experiment", "code_change", "record_maps")
 # core modules whose code determines images (the loop, its hooks and the shared kernels), fingerprinted with the
 # backbone family's folder and the method's module in every run's meta.json
 CORE_IMAGE_CODE = ("varbench/loop.py", "varbench/hooks.py", "varbench/tokens.py", "varbench/attention.py",

@@ -197,7 +197,7 @@ def missing_items(rd: RunDir, items: list[Item]) -> list[Item]:
 
 # ------------------------------------------------------------------ generation
 def generate_items(backbone, method: Method, items: list[Item], rd: RunDir, bench: dict, batch_size: int = 1,
-                   progress: bool = True, label: str = "") -> dict:
+                   progress: bool = True, label: str = "", record_maps: bool = False) -> dict:
     """Generate this shard's items whose image or record is missing. Each image gets its own RNG (seeded by its
     item), so a batch of B gives the images of B single runs (up to the kernels' batch-size numerics)."""
     done = rd.records()
@@ -216,7 +216,8 @@ def generate_items(backbone, method: Method, items: list[Item], rd: RunDir, benc
     for s in range(0, len(todo), batch_size):
         batch = todo[s:s + batch_size]
         rngs = [torch.Generator(device=backbone.device).manual_seed(it.seed) for it in batch]
-        out = generate(backbone, [it.condition for it in batch], method, rngs[0] if len(rngs) == 1 else rngs)
+        out = generate(backbone, [it.condition for it in batch], method, rngs[0] if len(rngs) == 1 else rngs,
+                       record_maps)
         for it, img, rec in zip(batch, to_uint8(out.images), out.record.per_image()):
             save_image(img, rd.images / it.relpath, **kw)
             rec.update(index=it.index, prompt=it.prompt, seed=it.seed, image=it.relpath, method=method.name,
@@ -482,7 +483,8 @@ def generate_stage(r: Run) -> None:
               code_change=cfg.code_change)
     try:
         _warmup(r.backbone, r.method, r.items, cfg.warmup)
-        r.counts = generate_items(r.backbone, r.method, r.items, r.rd, cfg.bench, cfg.batch_size, cfg.progress)
+        r.counts = generate_items(r.backbone, r.method, r.items, r.rd, cfg.bench, cfg.batch_size, cfg.progress,
+                                  record_maps=cfg.record_maps)
         _finish_layout(cfg.bench, r.rd, r.prompts, r.items)
     finally:
         r.rd.unlock()
