@@ -240,11 +240,11 @@ class ScaleKV(Method):
                             f"(Lvar's port crashes here, scale_kv.py:188 len(None)): {why}")
         if L <= cap:
             return None
+        if kv.new == 0 or kv.q is None:   # the layer computed no token at this scale (an upstream method bypassed
+            return None                   # it): no window queries to score with; the cache stays as it was
         win = self._window(kv, lctx)
         R, Hh, _, c = kv.k.shape
         start = L - kv.new
-        if kv.q is None:
-            raise RuntimeError("scalekv: compress_kv got no queries (the loop hands them to methods using the hook)")
         q_win = kv.q.gather(2, (win - start).clamp(0, kv.new - 1)[:, None, :, None].expand(R, Hh, -1, c))
         scale = (1.0 / math.sqrt(c) if self.cfg.logit_scale == "sqrt_d" or kv.attn_scale is None
                  else float(kv.attn_scale))

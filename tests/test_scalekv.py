@@ -260,3 +260,12 @@ def test_compressed_keys_are_not_attended_again(bb):
     assert compressed > 0
     ref = _gen(bb, Method())
     assert generation_flops(out.record.__dict__, bb.spec) < generation_flops(ref.record.__dict__, bb.spec)
+
+
+def test_a_layer_that_computed_nothing_keeps_its_cache(tmp_path):
+    """An upstream method bypassed the block (K = 0): no queries at this scale, so nothing to score with."""
+    p = write_budget(tmp_path / "b.json", 1, {5: (28, 20)})
+    m = build_method({"name": "scalekv", "budget_file": p, "base_capacity": 5})
+    m.start()
+    k = torch.randn(1, 1, 30, 4)
+    assert m.compress_kv(_ctx(3, 0, [(1, 1), (2, 2), (3, 3), (4, 4)], depth=1), KVState(k, k, None, 0)) is None
