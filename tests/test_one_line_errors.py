@@ -106,13 +106,14 @@ def store_with_a_row(tmp: Path) -> dict:
 
 
 def run_with_stray_png(tmp: Path) -> dict:
-    """A finished 1-image bench=shapes run whose images folder also holds a text file named junk.png."""
+    """A finished 1-image bench=shapes run whose item folder also holds a text file named junk.png (beside the item's
+    own image, where the shapes scorer looks: the old code crashed there with PIL.UnidentifiedImageError)."""
     env = dict(os.environ, VARBENCH_RESULTS=str(tmp / "res"))
     r = subprocess.run([sys.executable, "run.py", "method=none", "bench=shapes", "bench.limit=1", "stage=generate",
                         "progress=false"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     images = tmp / "res/runs/tiny/shapes/none/default/images"
-    (images / "junk.png").write_text("not an image: left here by another tool")
+    (images / "00000/samples/junk.png").write_text("not an image: left here by another tool")
     return {}
 
 
