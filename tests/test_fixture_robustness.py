@@ -65,8 +65,11 @@ def test_free_running_check_diverges_with_the_same_noise(monkeypatch):
 
 
 def _fastvar(ratio32=0.4, cache_width=24, blocks=(3, 27)):
-    return fixtures.FastVAR(fixtures.FastVARConfig(prune_ratios={32: ratio32, 40: 0.5}, skip_widths=[48, 64],
-                                                   blocks=list(blocks), cache_width=cache_width))
+    from varbench.harness.registry import method_class
+
+    FastVAR = method_class("fastvar")
+    return FastVAR(FastVAR.Config(prune_ratios={32: ratio32, 40: 0.5}, skip_widths=[48, 64], blocks=list(blocks),
+                                  cache_width=cache_width))
 
 
 @pytest.mark.slow

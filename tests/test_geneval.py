@@ -109,8 +109,11 @@ def test_geneval_layout_and_missing_detector_weights(tmp_path):
     data = shared_path("benchmarks")
     env = dict(os.environ, VARBENCH_DATA=str(data), VARBENCH_RESULTS=str(tmp_path), VARBENCH_WEIGHTS=str(tmp_path / "w"),
                HF_HUB_CACHE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "run.py", "bench=geneval", "bench.limit=2", "method=none", "progress=false"],
-                       cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    args = [sys.executable, "run.py", "bench=geneval", "bench.limit=2", "method=none", "progress=false"]
+    # stage=all checks the scorer's files before the first image (tests/test_workflows.py); stage=generate does not
+    g = subprocess.run(args + ["stage=generate"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert g.returncode == 0, g.stderr[-2000:]
+    r = subprocess.run(args + ["stage=score"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     img = tmp_path / "runs/tiny/geneval/none/default/images"
     for i in range(2):
         meta = json.loads((img / f"{i:05d}/metadata.jsonl").read_text())
