@@ -169,6 +169,18 @@ def progress(msg: str) -> None:
 
 
 def main(argv=None) -> int:
+    """The benchmark. The CPU thread count it sets (run.py's rule) is restored when it returns or raises, so an
+    in-process caller (a test, a notebook) keeps its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _main(argv=None) -> int:
     a = parse(argv)
     validate(a)
     if a.pin:

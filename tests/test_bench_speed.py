@@ -171,8 +171,11 @@ def test_compile_on_a_backbone_without_it_is_one_line_before_any_model_loads(mon
         raise AssertionError("a model was loaded before the compile check")
 
     monkeypatch.setattr(reg, "build_backbone", boom)
+    torch.set_num_threads(2)
     with pytest.raises(mod.UserError, match="compile=true is implemented"):
         mod.main(["--model", "hart_tiny_random", "--methods", "none", "--compile"])
+    # its thread rule (1 on the CPU) does not leak into the caller (the golden fixtures after it need 2 threads)
+    assert torch.get_num_threads() == 2
 
 
 def test_json_holds_every_figure_of_the_table(tmp_path):
