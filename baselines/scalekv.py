@@ -29,8 +29,11 @@ The port's quirks, each an option (``conf/method/scalekv_lvar.yaml`` sets them a
   * ``logit_scale``: ``attn`` (default: the scale the attention kernel uses, so scores are its logits) | ``sqrt_d``
     (port :240 divides by sqrt(head_dim) whatever the model's attention does).
   * ``query``: ``attn`` (default: the queries the attention used; for Infinity normalised, temperature-scaled and
-    RoPE'd like the cached keys) | ``raw`` (port :355-356 re-projects ``mat_qkv(x)`` with no q bias, norm or RoPE):
-    refused with one line, since our backbones expose no raw projection to methods.
+    RoPE'd like the cached keys, so the scores are the attention's own) | ``raw`` (port :355-356 re-projects
+    ``mat_qkv(x)``: the attention input times the q rows of the fused weight, no q bias, no norm, no temperature, no
+    RoPE — scored against the normalised, RoPE'd cached keys). Backbones offer the raw projection lazily through
+    ``LayerCtx.raw_query`` (``varbench.attention.offer_raw_query``; Infinity, HART and VAR do); a backbone without it
+    stops with one line.
   * ``budget_offset``: the budget of scale si is the file's "Scale (si + budget_offset)" (port :183: 2). Default 2:
     the files' drafter sizes fit it (2B block 0: Scale 9 keeps 920 of the 921 keys cached at si 7, Scale 10 1490 of
     920+576 at si 8, ...). A scale past the file's last key reuses the last (port :173-175, si 12 -> si 11's).
@@ -71,7 +74,7 @@ class ScaleKVConfig(MethodConfig):
     pooling: str = "maxpool"            # maxpool | avgpool (port :254-257)
     score: str = "softmax"              # softmax | logits (port :233-252: raw logits summed)
     logit_scale: str = "attn"           # attn | sqrt_d (port :240)
-    query: str = "attn"                 # attn | raw (port :355-356; refused: no raw projection exposed)
+    query: str = "attn"                 # attn | raw (port :355-356: x·W_qᵀ, no bias/norm/RoPE)
     budget_offset: int = 2              # "Scale (si + offset)" (port :183)
     missing_layer: str = "error"        # error | base (port :188-190)
     reset_base: str = "image"           # image | lvar (port :173-175)
@@ -83,10 +86,6 @@ class ScaleKVConfig(MethodConfig):
                              ("missing_layer", ("error", "base")), ("reset_base", ("image", "lvar"))):
             if getattr(self, key) not in allowed:
                 raise UserError(f"scalekv.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if self.query == "raw":
-            raise UserError("scalekv.query=raw (Lvar scale_kv.py:355-356: the un-normalised, un-RoPE'd q projection) "
-                            "needs the backbone's raw query projection, which varbench backbones do not expose to "
-                            "methods; use query=attn")
         if not 0 < float(self.budget_fraction) <= 1:
             raise UserError(f"scalekv.budget_fraction must be in (0, 1], got {self.budget_fraction}")
         for key in ("window_size", "kernel_size"):
@@ -245,7 +244,15 @@ class ScaleKV(Method):
         win = self._window(kv, lctx)
         R, Hh, _, c = kv.k.shape
         start = L - kv.new
-        q_win = kv.q.gather(2, (win - start).clamp(0, kv.new - 1)[:, None, :, None].expand(R, Hh, -1, c))
+        q = kv.q
+        if self.cfg.query == "raw":
+            if kv.raw_q is None:
+                raise UserError("scalekv.query=raw: this backbone's self-attention offers no raw query projection "
+                                "(varbench.attention.offer_raw_query); use query=attn")
+            q = kv.raw_q()
+            if q.shape != kv.q.shape:
+                raise RuntimeError(f"scalekv: raw queries {tuple(q.shape)} do not match the kernel's {tuple(kv.q.shape)}")
+        q_win = q.gather(2, (win - start).clamp(0, kv.new - 1)[:, None, :, None].expand(R, Hh, -1, c))
         scale = (1.0 / math.sqrt(c) if self.cfg.logit_scale == "sqrt_d" or kv.attn_scale is None
                  else float(kv.attn_scale))
         keep = select_keep(q_win, kv.k, win, cap, scale=scale, score=self.cfg.score, pooling=self.cfg.pooling,

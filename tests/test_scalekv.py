@@ -269,3 +269,81 @@ def test_a_layer_that_computed_nothing_keeps_its_cache(tmp_path):
     m.start()
     k = torch.randn(1, 1, 30, 4)
     assert m.compress_kv(_ctx(3, 0, [(1, 1), (2, 2), (3, 3), (4, 4)], depth=1), KVState(k, k, None, 0)) is None
+
+
+class _Seen(Method):
+    """Keeps what compress_kv is handed at (si, li) = (3, 1); compresses nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.got = None
+
+    def compress_kv(self, lctx, kv):
+        if (lctx.si, lctx.li) == (3, 1):
+            self.got = (kv.q.clone(), kv.raw_q(), kv.attn_scale)
+        return None
+
+
+def test_raw_query_is_the_q_projection_without_bias_norm_temperature_or_rope(bb):
+    """``query=raw`` (Lvar scale_kv.py:355-356: ``mat_qkv(x)``): what the backbone offers, once the model's own q bias,
+    l2-norm, temperature and RoPE are applied here, is exactly the query the attention kernel received."""
+    from varbench.backbones.infinity.model import apply_rope
+
+    m = _Seen()
+    _gen(bb, m)
+    q, raw, scale = m.got
+    sa = bb.model.blocks[1].sa
+    H, c = sa.H, sa.c
+    with torch.no_grad():
+        sa.q_bias.normal_(generator=torch.Generator().manual_seed(5))   # a non-zero bias, so leaving it out shows
+        m2 = _Seen()
+        _gen(bb, m2)
+        q, raw, _ = m2.got
+        qb = raw + sa.q_bias.view(1, H, 1, c)
+        want = torch.nn.functional.normalize(qb, dim=-1) * sa.scale_mul_1H11.clamp_max(sa.max_scale_mul).exp()
+        want = apply_rope(want, bb.positions(None, bb.scales()[3]))
+        sa.q_bias.zero_()
+    assert raw.shape == q.shape and not torch.allclose(raw, q, atol=1e-3)
+    torch.testing.assert_close(want, q, rtol=1e-5, atol=1e-5)
+
+
+def test_query_raw_scores_the_raw_projection(tmp_path):
+    """compress_kv with query=raw selects with the raw queries (here: unrelated to the kernel's), by the rule written
+    out above; a backbone that offers none stops with one line."""
+    g = torch.Generator().manual_seed(3)
+    hws = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
+    L, n, R, H, c = 121, 64, 2, 2, 8
+    k, v = torch.randn(R, H, L, c, generator=g), torch.randn(R, H, L, c, generator=g)
+    q, raw = torch.randn(R, H, n, c, generator=g), torch.randn(R, H, n, c, generator=g)
+    m = build_method({"name": "scalekv", "base_capacity": 10, "budget_fraction": 0.5, "score": "logits",
+                      "logit_scale": "sqrt_d", "query": "raw"})
+    m.start()
+    edit = m.compress_kv(_ctx(4, 0, hws), KVState(k, v, q, n, None, (1, 4, 16, 36, 64), 1.0, lambda: raw))
+    win = [57 + (2 * i) * 8 + 2 * j for i in range(4) for j in range(4)]
+    ref = reference_keep(raw[:, :, [w - 57 for w in win]], k, torch.tensor([win, win]), m.budget(_ctx(4, 0, hws)),
+                         1 / math.sqrt(c), "logits")
+    assert_valid_keep(edit.keep_idx, ref)
+    attn = build_method({"name": "scalekv", "base_capacity": 10, "budget_fraction": 0.5, "score": "logits",
+                         "logit_scale": "sqrt_d"})
+    attn.start()
+    other = attn.compress_kv(_ctx(4, 0, hws), KVState(k, v, q, n, None, (1, 4, 16, 36, 64), 1.0, lambda: raw))
+    assert not torch.equal(other.keep_idx, edit.keep_idx)
+    m.start()
+    with pytest.raises(UserError, match="offers no raw query projection"):
+        m.compress_kv(_ctx(4, 0, hws), KVState(k, v, q, n, None, (1, 4, 16, 36, 64), 1.0))
+
+
+@pytest.mark.parametrize("model", ["tiny_random", "hart_tiny_random", "var_tiny_random"])
+def test_scalekv_lvar_runs_with_the_raw_query_on_every_backbone(model):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"conf/model/{model}.yaml"), resolve=True)
+    b = build_backbone(cfg, "cpu", "fp32")
+    node = OmegaConf.to_container(OmegaConf.load(REPO / "conf/method/scalekv_lvar.yaml"), resolve=True)
+    node.pop("defaults", None)
+    node["family"] = "scalekv"
+    assert node["query"] == "raw"
+    m = build_method(node | {"base_capacity": 8, "budget_fraction": 0.3})
+    cond = 3 if b.spec.conditioning == "class" else "two green circles"
+    out = generate(b, [cond], m, torch.Generator().manual_seed(0))
+    assert sum(out.record.kv_kept[-2]) < sum(out.record.kv_len[-2])

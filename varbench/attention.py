@@ -26,6 +26,21 @@ def sdpa_attention(q, k, v, *, scale: float, mask=None, ctx=None) -> torch.Tenso
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
 
 
+def offer_raw_query(ctx, x: torch.Tensor, qkv_weight: torch.Tensor, heads: int) -> None:
+    """Hand ``ctx`` (a :class:`varbench.hooks.LayerCtx`, or None) the layer's *raw* query projection as a lazy
+    callable: ``x · W_qᵀ`` per head, [rows, H, L, c], from the fused qkv weight's first C rows — no q bias, no
+    normalisation, no temperature, no RoPE. Backbones call it in their self-attention before the kernel; it costs
+    nothing unless a method asks (ScaleKV ``query=raw``: Lvar scale_kv.py:355-356 scores with ``mat_qkv(x)``)."""
+    if ctx is None or not hasattr(ctx, "raw_query"):
+        return
+    B, L, C = x.shape
+
+    def raw() -> torch.Tensor:
+        return F.linear(x, qkv_weight[:C]).view(B, L, heads, C // heads).transpose(1, 2)
+
+    ctx.raw_query = raw
+
+
 def reference_attention(stats_sink: Callable[[dict], None] | None = None):
     """Materialised softmax attention; optionally hands per-key received mass and per-query entropy to a sink.
 

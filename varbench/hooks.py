@@ -92,6 +92,7 @@ class KVState:
     new_pos: torch.Tensor | None = None  # [rows|1, K] grid index (0..h*w-1) of each appended key; None: 0..K-1
     segments: tuple[int, ...] = ()     # keys each scale appended (scale order, this scale last; before any edit)
     attn_scale: float | None = None    # the scale the kernel multiplied q·k by (logits = attn_scale · q·kᵀ)
+    raw_q: Callable[[], torch.Tensor] | None = None   # this scale's raw q projection (LayerCtx.raw_query), if offered
 
     @property
     def length(self) -> int:
@@ -128,6 +129,10 @@ class LayerCtx:
     guide: Callable[[torch.Tensor], tuple] | None = None                # logits -> (cond, uncond, guided), as for sampling
     lens_entropy: Callable[..., torch.Tensor] | None = None             # (h, mix) -> lens entropy maps, folded head (if offered)
     attn_keys: float | None = None     # set by a sparse attention kernel: mean keys attended per query (FLOP count)
+    raw_query: Callable[[], torch.Tensor] | None = None   # set by the backbone's self-attention: this scale's raw q
+    #                                  projection [rows, H, K, c] (no bias/norm/RoPE), computed when called
+    kv_positions: torch.Tensor | None = None   # [rows|1, H|1, L] token position (scale offset + grid index) of each
+    #                                  key the kernel receives; None: key j is token j (nothing pruned or compressed)
     extra: dict = field(default_factory=dict)
 
     @property

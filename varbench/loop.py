@@ -43,14 +43,46 @@ def _replace_kv(kv: Any, k: torch.Tensor, v: torch.Tensor) -> None:
         kv.k, kv.v = k, v
 
 
+def _cat_positions(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate [r|1, h|1, L] position tables along L, broadcasting rows and heads."""
+    shape = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
+    return torch.cat((a.expand(*shape, -1), b.expand(*shape, -1)), -1)
+
+
+def _key_positions(before: torch.Tensor | None, kv_before: int, start: int, sel: Any, n: int,
+                   device) -> torch.Tensor | None:
+    """Token position (scale offset + grid index) of each key the kernel receives once this unit appended its keys,
+    [r|1, h|1, L]; None while key j is token j (no token pruned, no key dropped, no scale skipped before this one)."""
+    if before is None and sel is None and kv_before == start:
+        return None
+    if before is None:   # keys so far: tokens 0..kv_before-1 (a skipped scale only shifts the keys after it)
+        before = torch.arange(kv_before, device=device)[None, None]
+    new = (sel.keep_idx.to(device) if sel is not None else torch.arange(n, device=device)[None]) + start
+    return _cat_positions(before.to(device), new[:, None, :])
+
+
+def _edit_positions(p: torch.Tensor | None, length: int, edit: Any, device) -> torch.Tensor:
+    """The positions of the keys a ``KVEdit`` keeps (-1 where it replaced them with pooled keys)."""
+    if edit.keep_idx is None:
+        return torch.full((1, 1, edit.k.shape[2]), -1, dtype=torch.long, device=device)
+    p = torch.arange(length, device=device)[None, None] if p is None else p.to(device)
+    idx = edit.keep_idx.to(device)
+    shape = (max(p.shape[0], idx.shape[0]), max(p.shape[1], idx.shape[1]))
+    return p.expand(*shape, -1).gather(2, idx.expand(*shape, -1))
+
+
 def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos: Any, cond: Any, kv: Any,
                segs: list[int], scale: Any, sctx: ScaleCtx, rec_tokens: list[float],
                rec_keys: list[float], rec_kv: list[list] | None = None,
-               mem: MemoryTracker | None = None, rec_kept: list | None = None) -> torch.Tensor:
+               mem: MemoryTracker | None = None, rec_kept: list | None = None,
+               kpos: dict | None = None, start: int = 0) -> torch.Tensor:
     """One block: token selection and restoration per unit (the whole block, or each branch); then the method's
     ``compress_kv`` on the layer's cache. ``rec_kv``: [attended, kept, bytes] lists this layer appends to;
-    ``rec_kept``: the first unit's kept token indices of row 0 (None: every token) are appended to it."""
+    ``rec_kept``: the first unit's kept token indices of row 0 (None: every token) are appended to it. ``kpos``:
+    layer -> token positions of its cached keys (absent: key j is token j), kept up to date here and handed to the
+    kernels as ``lctx.kv_positions``; ``start``: the token position of this scale's first token."""
     units = [backbone.spec.branches] if method.granularity == "block" else [(b,) for b in backbone.spec.branches]
+    kpos = {} if kpos is None else kpos
     kv_before = kv.length
     lctx = LayerCtx(sctx, li, kv_len=kv_before, kv_segments=tuple(segs),
                     head_logits=lambda h: backbone.head(h, cond, scale),
@@ -80,18 +112,22 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
                 xk, pk = sel.gather(x), backbone.gather_positions(pos, sel)
         if xk.shape[1] > 0:  # K = 0: the unit is bypassed (no compute, no K/V); restore fills every token
             unit_kv = kv.length
+            lctx.kv_positions = _key_positions(kpos.get(li), unit_kv, start, sel, x.shape[1], x.device)
             for name in unit:
                 with prange("vb.block." + name):
                     xk = xk + backbone.branch(li, name, xk, pk, cond, kv, attn_fn, lctx)
-            if kv.length != unit_kv and sel is not None:
-                new_pos = sel.keep_idx
+            if kv.length != unit_kv:
+                if sel is not None:
+                    new_pos = sel.keep_idx
+                if lctx.kv_positions is not None:
+                    kpos[li] = lctx.kv_positions
         if sel is None:
             x = xk
         else:
             with prange("vb.method.restore"):
                 x = method.restore(lctx, x, xk, sel)
         counts += [xk.shape[1]] * len(unit)
-    lctx.branch = None
+    lctx.branch, lctx.kv_positions = None, kpos.get(li)   # the cache as it stands after the block
     with prange("vb.block.after"):
         x = backbone.after_block(li, x, cond, scale)
     with prange("vb.method.after_layer"):
@@ -105,8 +141,9 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
     if kv_hook and kv.k is not None:
         with prange("vb.method.compress_kv"):
             edit = method.compress_kv(lctx, KVState(kv.k, kv.v, held.get("q"), attended - kv_before, new_pos,
-                                                    tuple(segs), held.get("scale")))
+                                                    tuple(segs), held.get("scale"), lctx.raw_query))
         if edit is not None:
+            kpos[li] = _edit_positions(kpos.get(li), kv.length, edit, kv.k.device)
             _replace_kv(kv, *edit.apply(kv.k, kv.v))
     if mem is not None:
         mem.kv[li] = kv_bytes(kv)
@@ -140,6 +177,7 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
                     kv.capacity = 0
         mem = MemoryTracker(spec.depth)
         segs: list[list[int]] = [[] for _ in range(spec.depth)]
+        kpos: dict[int, torch.Tensor] = {}   # layer -> token positions of its cached keys, once they are not 0..L-1
         scales = backbone.scales()
         schedule = tuple(ScaleInfo.of(s) for s in scales)
         method.start()
@@ -167,6 +205,7 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
                 cond = backbone.cond_only(cond)
                 for kv in kvs:
                     kv.keep_rows(cond.rows)
+                kpos = {li: p[:cond.rows] for li, p in kpos.items()}
                 rec.cond_only_from = info.si
                 sctx.rows = cond.rows
             rec.rows.append(cond.rows)
@@ -177,9 +216,10 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
             tokens, keys, kvrec = [], [], ([], [], [])
             mem.held = tensor_bytes(cond, state)
             kept = [] if record_maps else None
+            start = sum(s.n for s in schedule[:info.si])
             for li in range(spec.depth):
                 x = _run_layer(backbone, method, li, x, pos, cond, kvs[li], segs[li], scale, sctx, tokens, keys,
-                               kvrec, mem, kept)
+                               kvrec, mem, kept, kpos, start)
             if kept and any(k is not None for k in kept):
                 rec.kept_maps = (rec.kept_maps or {}) | {str(info.si): kept}
             rec.tokens.append(tokens)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from varbench.attention import AttnFn, sdpa_attention
+from varbench.attention import AttnFn, offer_raw_query, sdpa_attention
 from varbench.backbones.hart.diffusion import DiffHead
 from varbench.kvcache import KVCache
 
@@ -108,6 +108,7 @@ class LlamaAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if kv is not None:
             k, v = kv.append(k, v)
+        offer_raw_query(ctx, x, self.qkv_proj.weight, self.H)
         out = attn_fn(q, k, v, scale=self.scale, mask=mask, ctx=ctx)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from varbench.attention import AttnFn, sdpa_attention
+from varbench.attention import AttnFn, offer_raw_query, sdpa_attention
 from varbench.profiling import prange
 
 NORM_EPS = 1e-6
@@ -163,6 +163,7 @@ class SelfAttention(nn.Module):
         if kv is not None:
             with prange("vb.kv_cache"):
                 k, v = kv.append(k, v)
+        offer_raw_query(ctx, x, self.mat_qkv.weight, self.H)
         with prange("vb.attention"):
             out = attn_fn(q, k, v, scale=1.0, mask=mask, ctx=ctx)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))

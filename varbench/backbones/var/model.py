@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from varbench.attention import AttnFn, sdpa_attention
+from varbench.attention import AttnFn, offer_raw_query, sdpa_attention
 from varbench.kvcache import KVCache
 
 
@@ -53,6 +53,7 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if kv is not None:
             k, v = kv.append(k, v)
+        offer_raw_query(ctx, x, self.mat_qkv.weight, self.H)
         out = attn_fn(q, k, v, scale=self.scale, mask=mask, ctx=ctx)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
