@@ -157,10 +157,15 @@ def _group_slices(n: int, group: int):
         yield g, slice(g * group, min(n, (g + 1) * group))
 
 
-def _key_mask(idx, P: int) -> torch.Tensor:
-    """[rows, H, K] key positions -> bool [rows, H, 1, P]."""
-    m = torch.zeros(*idx.shape[:2], P, dtype=torch.bool, device=idx.device)
-    return m.scatter_(2, idx, True)[:, :, None]
+def _key_mask(idx, P: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows, H, K] token positions -> bool [rows, H, 1, P] over the cache: key j is visible when its token position
+    (``pos`` [rows|1, H|1, P]; None: j) is in ``idx``."""
+    n = P if pos is None else int(pos.max()) + 1
+    m = torch.zeros(*idx.shape[:2], max(n, int(idx.max()) + 1), dtype=torch.bool, device=idx.device)
+    m = m.scatter_(2, idx, True)
+    if pos is None:
+        return m[:, :, None, :P]
+    return m.gather(2, pos.expand(*idx.shape[:2], -1))[:, :, None]
 
 
 def _gather_keys(k, idx):
@@ -170,11 +175,17 @@ def _gather_keys(k, idx):
     return k.gather(2, flat).view(rows, H, G, K, k.shape[-1])
 
 
-def cs4a_sparse_reference(q, k, v, J, group: int, scale: float) -> torch.Tensor:
-    """Softmax over each query group's key set J[:, :, g] (absolute positions), fp32; chunked per group."""
+def cs4a_sparse_reference(q, k, v, J, group: int, scale: float, pos: torch.Tensor | None = None,
+                          counts: list | None = None) -> torch.Tensor:
+    """Softmax over each query group's key set J[:, :, g] (token positions), fp32; chunked per group. ``pos``: the
+    token position of each cached key (a compressed cache: keys of J it dropped are not attended); ``counts``
+    gets, per group, the mean number of keys a query attended (over rows and heads)."""
     out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=torch.float32)
     for g, sl in _group_slices(q.shape[2], group):
-        out[:, :, sl] = _masked_softmax_attn(q[:, :, sl], k, v, scale, _key_mask(J[:, :, g], k.shape[2]))
+        vis = _key_mask(J[:, :, g], k.shape[2], pos)
+        out[:, :, sl] = _masked_softmax_attn(q[:, :, sl], k, v, scale, vis)
+        if counts is not None:
+            counts.append((sl.stop - sl.start) * float(vis.sum(-1).float().mean()))
     return out
 
 
@@ -189,7 +200,7 @@ def cs4a_sparse_gather(q, k, v, J, group: int, scale: float) -> torch.Tensor:
 
 
 def cs4a_decide(q, k, v, kk: int, group: int, scale: float):
-    """(O_dense, I [rows, H, G, kk] ascending positions, O_selected), fp32, exact column mass per group."""
+    """(O_dense, I [rows, H, G, kk] ascending cache positions, O_selected), fp32, exact column mass per group."""
     rows, H, N, _ = q.shape
     P = k.shape[2]
     out = torch.empty(rows, H, N, v.shape[-1], device=q.device, dtype=torch.float32)
@@ -206,15 +217,26 @@ def cs4a_decide(q, k, v, kk: int, group: int, scale: float):
     return out, torch.stack(idx, 2), sel
 
 
-def csla_reference(q, k, v, tiles, tile: int, scale: float) -> torch.Tensor:
-    """Exact softmax over the keys of each query's active tiles (element mask expanded from tiles), per tile row."""
+def csla_reference(q, k, v, tiles, tile: int, scale: float, pos: torch.Tensor | None = None,
+                   P_full: int | None = None) -> torch.Tensor:
+    """Exact softmax over the keys of each query's active tiles (element mask expanded from tiles), per tile row.
+    ``pos`` [rows|1, H|1, P]: the token position of each cached key (a compressed cache; the tiles are over the
+    ``P_full`` token positions)."""
     N, P = q.shape[2], k.shape[2]
     out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=torch.float32)
-    el = tiles_to_elements(tiles.to(q.device), tile, N, P)
+    el = tiles_to_elements(tiles.to(q.device), tile, N, P if pos is None else P_full)
     for t in range(tiles.shape[0]):
         sl = slice(t * tile, min(N, (t + 1) * tile))
-        out[:, :, sl] = _masked_softmax_attn(q[:, :, sl], k, v, scale, el[sl][None, None])
+        vis = el[sl][None, None] if pos is None else el[sl][:, pos].permute(1, 2, 0, 3)
+        out[:, :, sl] = _masked_softmax_attn(q[:, :, sl], k, v, scale, vis)
     return out
+
+
+def csla_keys_per_query(tiles, tile: int, N: int, pos: torch.Tensor, P_full: int) -> float:
+    """Mean keys a query attends under CSLA on a compressed cache (rows, heads and queries averaged)."""
+    el = tiles_to_elements(tiles.to(pos.device), tile, N, P_full).float()     # [N, P_full]
+    present = torch.zeros(*pos.shape[:2], P_full, device=pos.device).scatter_(2, pos, 1.0)   # [r, h, P_full]
+    return float((present @ el.T).mean())
 
 
 _FLEX = {}
@@ -377,19 +399,35 @@ class SparVAR(Method):
             return None
         return self._cs4a_decide_kernel if si == S else self._cs4a_sparse_kernel
 
-    def _check(self, k, ctx: LayerCtx, geo: dict) -> None:
-        si = ctx.si
-        if list(ctx.kv_segments) != geo["ns"][:si] or k.shape[2] != geo["off"][si + 1]:
-            raise RuntimeError(f"SparVAR needs the full KV cache (scale {si}: {k.shape[2]} keys, expected "
-                               f"{geo['off'][si + 1]}); another method pruned tokens upstream")
+    def _check(self, q, k, ctx: LayerCtx, geo: dict) -> torch.Tensor | None:
+        """The token positions of the cached keys (None: the full cache, key j = token j). A cache compressed by
+        another method (``compress_kv``: ScaleKV in a stack) is taken as it is: SparVAR's key sets are token
+        positions, and a key the cache dropped is simply not attended (``lctx.kv_positions``). Tokens pruned upstream
+        are refused: the query groups and local runs are laid out on the full grid."""
+        si, pos = ctx.si, ctx.kv_positions
+        if list(ctx.kv_segments) != geo["ns"][:si] or q.shape[2] != geo["ns"][si]:
+            raise UserError(f"method sparvar needs every token of every scale computed (scale {si}: {q.shape[2]} "
+                            f"queries of {geo['ns'][si]}, earlier scales appended {list(ctx.kv_segments)}): another "
+                            f"method in the stack pruned tokens")
+        if pos is None:
+            if k.shape[2] != geo["off"][si + 1]:
+                raise RuntimeError(f"SparVAR: scale {si} sees {k.shape[2]} keys, expected {geo['off'][si + 1]}")
+            return None
+        if pos.shape[-1] != k.shape[2] or int(pos.min()) < 0:
+            raise UserError(f"method sparvar: the cache of layer {ctx.li} holds keys at no token position (pooled by "
+                            f"another method); SparVAR's key sets need each key's token position")
+        return pos.to(q.device)
 
     def _cs4a_decide_kernel(self, q, k, v, *, scale, mask=None, ctx=None):
         geo = self._geometry(ctx.scale)
-        self._check(k, ctx, geo)
-        P = k.shape[2]
+        pos = self._check(q, k, ctx, geo)
+        P = k.shape[2]     # a compressed cache: the keys it holds (k = 20 % of those; our reading, README)
         kk = topk_budget(P, self.cfg.topk_ratio, self.cfg.align)
         dense, I, sel = cs4a_decide(q, k, v, kk, self.cfg.group_size, scale)
         out = sdpa_attention(q, k, v, scale=scale) if self._fast(q) else dense.to(q.dtype)
+        if pos is not None:   # the key sets are kept as token positions (what later scales' caches are indexed by)
+            r, h, G, _ = I.shape
+            I = pos.expand(r, h, -1).gather(2, I.reshape(r, h, -1)).view(r, h, G, -1)
         self.state[ctx.li] = {"C": (dense - sel) if self.cfg.o_cache else None, "hw": ctx.scale.hw, "src": I}
         self.kernels["cs4a_decide"] = "sdpa+colmass" if self._fast(q) else "reference"
         self.keys.setdefault("cs4a", {})[ctx.si] = float(P)
@@ -402,7 +440,7 @@ class SparVAR(Method):
 
     def _cs4a_sparse_kernel(self, q, k, v, *, scale, mask=None, ctx=None):
         geo = self._geometry(ctx.scale)
-        self._check(k, ctx, geo)
+        pos = self._check(q, k, ctx, geo)
         st = self.state.get(ctx.li)
         if st is None:
             raise RuntimeError(f"SparVAR: no CS4A decision for layer {ctx.li} before scale {ctx.si}")
@@ -413,7 +451,11 @@ class SparVAR(Method):
         J = torch.cat([src[:, :, group_map(src.shape[2], G).to(q.device)],
                        runs[None, None].expand(rows, q.shape[1], -1, -1)], -1)
         st["src"] = J
-        if self._fast(q):
+        counts: list = []
+        if pos is not None:   # a compressed cache: J ∩ the keys it holds (masked reference; the gather needs all J)
+            out = cs4a_sparse_reference(q, k, v, J, self.cfg.group_size, scale, pos, counts)
+            self.kernels["cs4a"] = "reference (compressed cache)"
+        elif self._fast(q):
             out = cs4a_sparse_gather(q, k, v, J, self.cfg.group_size, scale)
             self.kernels["cs4a"] = "gather_sdpa"
         else:
@@ -427,23 +469,30 @@ class SparVAR(Method):
             up = F.interpolate(C.permute(0, 1, 3, 2).reshape(rh * H_, c, hs, ws), size=(h, w), mode=self.cfg.upsample,
                                **({"align_corners": False} if self.cfg.upsample in ("bilinear", "bicubic") else {}))
             out = out.float() + up.reshape(rh, H_, c, h * w).permute(0, 1, 3, 2)
-        self.keys.setdefault("cs4a", {})[ctx.si] = float(J.shape[-1])
-        ctx.attn_keys = float(J.shape[-1])
+        keys = sum(counts) / q.shape[2] if counts else float(J.shape[-1])
+        self.keys.setdefault("cs4a", {})[ctx.si] = keys
+        ctx.attn_keys = keys
         return out.to(q.dtype)
 
     def _csla_kernel(self, q, k, v, *, scale, mask=None, ctx=None):
         geo = self._geometry(ctx.scale)
-        self._check(k, ctx, geo)
-        si, N, P = ctx.si, q.shape[2], k.shape[2]
+        pos = self._check(q, k, ctx, geo)
+        si, N, P = ctx.si, q.shape[2], geo["off"][ctx.si + 1]
         tiles = self._tiles(geo, si)
-        keys_per_tile_col = torch.tensor([min(P, (j + 1) * self.cfg.tile) - j * self.cfg.tile
-                                          for j in range(tiles.shape[1])], dtype=torch.float32)
-        rows_per_tile = torch.tensor([min(N, (i + 1) * self.cfg.tile) - i * self.cfg.tile
-                                      for i in range(tiles.shape[0])], dtype=torch.float32)
-        keys = float((tiles.float() @ keys_per_tile_col * rows_per_tile).sum() / N)
+        if pos is None:
+            keys_per_tile_col = torch.tensor([min(P, (j + 1) * self.cfg.tile) - j * self.cfg.tile
+                                              for j in range(tiles.shape[1])], dtype=torch.float32)
+            rows_per_tile = torch.tensor([min(N, (i + 1) * self.cfg.tile) - i * self.cfg.tile
+                                          for i in range(tiles.shape[0])], dtype=torch.float32)
+            keys = float((tiles.float() @ keys_per_tile_col * rows_per_tile).sum() / N)
+        else:
+            keys = csla_keys_per_query(tiles, self.cfg.tile, N, pos, P)
         self.density[si] = float(tiles.float().mean())
         self.keys.setdefault("csla", {})[si] = keys
         ctx.attn_keys = keys
+        if pos is not None:   # tiles are over token positions; a compressed cache is not laid out in them
+            self.kernels["csla"] = "reference (compressed cache)"
+            return csla_reference(q, k, v, tiles, self.cfg.tile, scale, pos, P).to(q.dtype)
         if self._fast(q):
             bkey = (si, str(q.device))
             if bkey not in geo["bm"]:
