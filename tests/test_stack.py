@@ -1,4 +1,6 @@
 """method=stack (varbench/stack.py): members on disjoint hooks, claims/FLOPs/memory that add up, one line on overlap."""
+from pathlib import Path
+
 import pytest
 import torch
 from test_methods_contract import backbone, check_contract
@@ -84,3 +86,41 @@ def test_the_contract_fails_on_a_stack_whose_claims_double_count(bb):
     assert sorted(claimed_hooks(_Selects()) + claimed_hooks(_AlsoClaims())) == ["after_layer", "select"]
     with pytest.raises(AssertionError):
         check_contract(bb, bad)
+
+
+def test_a_stacks_run_metrics_and_figures_are_its_members(bb, tmp_path):
+    """The run-level metrics of a stack are each member's aggregate over its part of the summaries (NOVA's activation
+    rate, t*, ...), under the member's own names; its figures are the members' (before: none at all)."""
+    m = build_method({"name": "stack", "methods": ["nova", "scalekv"]})
+    outs = [generate(bb, [p], m, torch.Generator().manual_seed(i))
+            for i, p in enumerate(["two green circles", "a red square left of a blue triangle"])]
+    summaries = [o.method_summary for o in outs]
+    nova = build_method({"name": "nova"})
+    want = nova.aggregate([s["members"]["nova"] for s in summaries])
+    assert want and m.aggregate(summaries) == want
+    recs = [{"method_summary": s} for s in summaries]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    got = [Path(p).name for p in m.report(recs, tmp_path / "a", "t")]
+    alone = [Path(p).name for p in nova.report([{"method_summary": s["members"]["nova"]} for s in summaries],
+                                               tmp_path / "b", "t")]
+    assert alone and got == alone
+
+
+class _Twin(Method):
+    def __init__(self, cfg=None, name="twin", value=1.0):
+        super().__init__(cfg)
+        self.name, self.value = name, value
+
+    def summary(self):
+        return {"v": self.value}
+
+    def aggregate(self, summaries):
+        return {"v_mean": (sum(s["v"] for s in summaries) / len(summaries), len(summaries))}
+
+
+def test_a_metric_two_members_report_is_kept_per_member():
+    st = build_method({"name": "stack", "methods": []})
+    st.members = [_Twin(name="a", value=1.0), _Twin(name="b", value=3.0)]
+    s = {"members": {"a": {"v": 1.0}, "b": {"v": 3.0}}}
+    assert st.aggregate([s, s]) == {"a.v_mean": (1.0, 2), "b.v_mean": (3.0, 2)}

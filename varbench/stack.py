@@ -161,6 +161,29 @@ class Stack(Method):
         out["method_flops"] = flops
         return out
 
+    # ---- run level: each member's own metrics and figures, from its part of every image's summary
+    def _member_summary(self, m: Method, s: dict) -> dict:
+        return ((s or {}).get("members") or {}).get(m.name) or {}
+
+    def aggregate(self, summaries: list[dict]) -> dict[str, tuple[float, int]]:   # an instance's: it needs members
+        """The members' run-level metrics (NOVA's activation rate, SparVAR's tile density, ...) under their own
+        names; a name two members report is kept per member as ``<member>.<metric>``."""
+        out: dict = {}
+        parts = [(m, m.aggregate([self._member_summary(m, s) for s in summaries])) for m in self.members]
+        clash = {k for i, (_, a) in enumerate(parts) for _, b in parts[i + 1:] for k in a if k in b}
+        for m, agg in parts:
+            for k, v in agg.items():
+                out[f"{m.name}.{k}" if k in clash else k] = v
+        return out
+
+    def report(self, records: list[dict], out_dir, title: str = "") -> list:
+        """Each member's figures, drawn from records whose ``method_summary`` is that member's."""
+        paths: list = []
+        for m in self.members:
+            recs = [dict(r, method_summary=self._member_summary(m, r.get("method_summary"))) for r in records]
+            paths += m.report(recs, out_dir, f"{title} [{m.name}]" if title else m.name)
+        return paths
+
     def footnote(self) -> str | None:
         notes = [n for n in (m.footnote() for m in self.members) if n]
         return self.cfg.footnote or ("stack of " + " + ".join(m.name for m in self.members)

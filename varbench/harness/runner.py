@@ -39,7 +39,6 @@ from varbench.harness.registry import (
     build_backbone,
     build_method,
     check_model,
-    method_class,
     method_family,
     metric_check,
     metric_fn,
@@ -306,7 +305,8 @@ def score_run(cfg: RunConfig, rd: RunDir, items: list[Item], method_name: str, f
     if method_name == "none":  # the reference itself: speedup 1 by definition, no fidelity to itself
         ref_recs, ref = recs, None
     root = Path(cfg.results_root).resolve()
-    note = build_method(cfg.method).footnote()
+    method = build_method(cfg.method)     # the instance: a stack's run-level metrics are its members'
+    note = method.footnote()
     key = item_set(items)
     base = {"run": str(rd.path.relative_to(root)) if rd.path.is_relative_to(root) else str(rd.path),
             "model": cfg.model["name"], "method": method_name, "family": family, "bench": cfg.bench["name"],
@@ -326,9 +326,8 @@ def score_run(cfg: RunConfig, rd: RunDir, items: list[Item], method_name: str, f
     save(run_metrics(recs, spec, ref_recs, rd.images, ref.images if ref else None, per_image))
     if per_image:
         write_jsonl(out_dir / "fidelity.jsonl", per_image)
-    save(method_class(family).aggregate([r.get("method_summary") or {} for r in recs.values()]))
-    method_class(family).report(list(recs.values()), out_dir,
-                                f"{cfg.model['name']} / {method_name} / {cfg.bench['name']}")
+    save(method.aggregate([r.get("method_summary") or {} for r in recs.values()]))
+    method.report(list(recs.values()), out_dir, f"{cfg.model['name']} / {method_name} / {cfg.bench['name']}")
     if strays and not subset:
         print(f"[varbench] {len(strays)} file(s) in {rd.images} are not images of this run (e.g. {strays[0]}): the "
               f"scorers read only the run's items", file=sys.stderr)
