@@ -11,7 +11,7 @@
                 seed (identical images contribute MSE 0; absent when every image is identical)
   ssim          mean SSIM to the reference images
   identical_frac  share of images bit-identical to their reference
-  peak_mem_gb   max over images (GPU allocator peak; on CPU the process's max RSS)
+  peak_mem_gb   max over images of peak_memory_bytes, GiB (tables show it as peak MB, from memory_metrics)
 and, for methods that report them in their summary, activation_rate and t_star_mean (NOVA).
 Reference latencies come from the reference run's records: when that run was cached from an earlier process,
 the ratio compares two processes on the same machine; ``scripts/bench_speed.py`` times both in one process.

@@ -14,7 +14,6 @@ SPEED_COLUMNS = [
     ("psnr", "PSNR (dB)↑", "{:.2f}"),
     ("ssim", "SSIM↑", "{:.4f}"),
     ("identical_frac", "Identical", "{:.0%}"),
-    ("peak_mem_gb", "Peak mem (GB)", "{:.2f}"),
     ("kv_mb", "KV MB↓", "{:.2f}"),         # most KV-cache bytes held at once (varbench/records.py)
     ("peak_mb", "peak MB↓", "{:.1f}"),     # GPU allocator peak; CPU: bytes of the tensors the loop holds
 ]
