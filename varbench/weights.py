@@ -1,4 +1,5 @@
-"""Weight-file lookup shared by backbones and scorers: a local folder first, then the Hugging Face hub cache.
+"""Weights shared by backbones and scorers: file lookup (a local folder first, then the Hugging Face hub cache),
+reading and strict loading of checkpoints, and seeded weights for the models that need no file.
 
 Nothing is downloaded. Everything missing is reported at once, in one line (``MissingWeights``), before anything
 heavy is loaded.
@@ -6,8 +7,10 @@ heavy is loaded.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -70,3 +73,57 @@ def state_dict_mismatch(err: Exception) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     detail = [ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))]
     return (detail or lines or [type(err).__name__])[0][:300]
+
+
+def read_state_dict(path: Path, trust_pickle: bool = False) -> dict:
+    """A .pth (``torch.load`` with weights_only unless trusted) or .safetensors file, floats as float32."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        sd = load_safetensors(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        except Exception as e:  # noqa: BLE001 - torch raises several kinds for a bad or pickled file
+            raise UserError(f"could not read {path} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''});"
+                            f" if it is a trusted pickle, set model.trust_pickle=true") from None
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def load_strict(module: torch.nn.Module, sd: dict, what: str, hint: str = "check model.arch / model.vae against "
+                "the checkpoint") -> None:
+    """``load_state_dict(strict=True)``; a mismatch is one line naming the first keys/shapes that differ."""
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(own[k].shape)}" for k in own
+              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise UserError(f"{what} does not match the model config: {len(missing)} missing {missing[:3]}, "
+                        f"{len(unexpected)} unexpected {unexpected[:3]}, shapes differ {shapes[:2]} -- {hint}")
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{what}: {state_dict_mismatch(e)}") from None
+
+
+InitRule = Callable[[str, str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def seeded_init_(module: torch.nn.Module, seed: int, rule: InitRule) -> torch.nn.Module:
+    """Deterministic weights for a model without files (the ``*_random`` configs, the fixtures' tiny models): one
+    N(0, 1) draw ``r`` of each parameter's shape, in ``named_parameters`` order, and the parameter set to
+    ``rule(name, leaf, p, r)`` (each family's rule: matrices N(0, 1/fan_in), norms ≈ 1, small biases, ...).
+
+    Drawn where the parameters live, from a generator on that device (CPU: the same numbers as always; a CUDA
+    generator draws other numbers from the same seed). Parameters on the meta device are left as they are (shapes
+    only)."""
+    params = list(module.named_parameters())
+    dev = params[0][1].device if params else torch.device("cpu")
+    if dev.type == "meta":
+        return module
+    g = torch.Generator(device=dev).manual_seed(seed)
+    for name, p in params:
+        p.copy_(rule(name, name.rsplit(".", 1)[-1], p, torch.randn(p.shape, generator=g, device=dev)))
+    return module

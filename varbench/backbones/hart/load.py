@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from varbench import config_checks as cc
+from varbench import weights
 from varbench.backbones.hart.backbone import HARTBackbone, HARTSampling
 from varbench.backbones.hart.model import HARTTransformer
 from varbench.backbones.hart.text import QwenTextEncoder, TinyTextEncoder
 from varbench.backbones.hart.vae import VQVAE, TokenizerWithDisc
 from varbench.errors import MissingWeights, UserError
-from varbench.weights import find_file, weights_dir
+from varbench.weights import find_file, load_strict, read_state_dict, weights_dir
 
 # HF config.json key -> our arch key (transformer); values that must hold for the branch we implement
 TF_KEYS = {"depth": "depth", "embed_dim": "embed_dim", "num_heads": "num_heads", "mlp_ratio": "mlp_ratio",
@@ -101,61 +102,25 @@ def new_modules(arch: dict, vae_cfg: dict) -> tuple[HARTTransformer, VQVAE]:
     return tf, vae
 
 
-@torch.no_grad()
+HINT = "check the model config against its config.json (python -m varbench.backbones.hart.check_config)"
+
+
+def _init_rule(name: str, leaf: str, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """HART's seeded weights: N(0, 1/fan_in) matrices, norm weights ≈ 1, small biases, its special tensors sane."""
+    if leaf == "scale_mul_1H11":
+        return math.log(4.0) + 0.3 * r
+    if p.ndim == 1 and leaf == "weight":   # RMSNorm / LayerNorm / GroupNorm weights
+        return 1 + 0.1 * r
+    if p.ndim == 1:
+        return 0.05 * r
+    if name.endswith("embedding.weight"):
+        return r
+    return r / math.sqrt(p[0].numel())
+
+
 def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Deterministic weights: N(0, 1/fan_in) matrices, norm weights ≈ 1, small biases, HART's special tensors sane.
-
-    Drawn where the parameters live, from a generator on that device (CPU: the same numbers as always); parameters
-    on the meta device are left as they are (shapes only)."""
-    params = list(module.named_parameters())
-    dev = params[0][1].device if params else torch.device("cpu")
-    if dev.type == "meta":
-        return module
-    g = torch.Generator(device=dev).manual_seed(seed)
-
-    def randn(p):
-        return torch.randn(p.shape, generator=g, device=dev)
-
-    for name, p in params:
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "scale_mul_1H11":
-            p.copy_(math.log(4.0) + 0.3 * randn(p))
-        elif p.ndim == 1 and leaf == "weight":   # RMSNorm / LayerNorm / GroupNorm weights
-            p.copy_(1 + 0.1 * randn(p))
-        elif p.ndim == 1:
-            p.copy_(0.05 * randn(p))
-        elif name.endswith("embedding.weight"):
-            p.copy_(randn(p))
-        else:
-            fan_in = p[0].numel()
-            p.copy_(randn(p) / math.sqrt(fan_in))
-    return module
-
-
-def read_state_dict(path: Path, trust_pickle: bool = False) -> dict:
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"could not read {path} with weights_only=True ({type(e).__name__}); if you trust the "
-                            f"file, set model.trust_pickle=true") from None
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-
-
-def load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:
-    own = module.state_dict()
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise UserError(f"{what} does not match the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}, "
-                        f"shape differs {shapes[:4]} -- check the model config against its config.json "
-                        f"(python -m varbench.backbones.hart.check_config)")
-    module.load_state_dict(sd, strict=True)
+    """Deterministic weights by HART's rule (``varbench.weights.seeded_init_``)."""
+    return weights.seeded_init_(module, seed, _init_rule)
 
 
 def weights_file(folder: Path, names: list[str]) -> Path | None:
@@ -247,10 +212,10 @@ def build_hart(mcfg, device="cpu", dtype="fp32") -> HARTBackbone:
             raise UserError("model config differs from the official config.json: " + "; ".join(bad))
         tf, vae = new_modules(arch, vcfg)
         load_strict(tf, read_state_dict(paths["transformer_weights"], bool(mcfg.get("trust_pickle", False))),
-                    str(paths["transformer_weights"]))
+                    str(paths["transformer_weights"]), HINT)
         tok = TokenizerWithDisc(vae)
         load_strict(tok, read_state_dict(paths["tokenizer_weights"], bool(mcfg.get("trust_pickle", False))),
-                    str(paths["tokenizer_weights"]))
+                    str(paths["tokenizer_weights"]), HINT)
         text = QwenTextEncoder(str(paths["text_encoder"]), arch["context_token"], tcfg.get("system_prompt"), device)
     else:   # seeded; init_on_device (full-size *_random configs): built and drawn on the device itself
         with torch.device(device if mcfg.get("init_on_device") else "cpu"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from varbench import config_checks as cc
+from varbench import weights
 from varbench.backbones.infinity.backbone import InfinityBackbone, Sampling
 from varbench.backbones.infinity.model import InfinityTransformer
 from varbench.backbones.infinity.schedules import PN_TO_NUM_SCALES, TEMPLATES, schedule_from_config
@@ -68,38 +69,25 @@ def load_transformer_state(model: InfinityTransformer, sd: dict) -> None:
 
 
 # ---------------------------------------------------------------- seeded weights (tiny)
-@torch.no_grad()
+def _init_rule(name: str, leaf: str, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Infinity's seeded weights: N(0, 1/fan_in) matrices, norms ≈ 1, biases small, its special tensors sane."""
+    if leaf == "scale_mul_1H11":
+        return math.log(4.0) + 0.3 * r
+    if leaf == "ada_gss":
+        return 0.25 * r
+    if leaf == "cfg_uncond":
+        return 1.2 / math.sqrt(p.shape[-1]) * r
+    if p.ndim == 1 and ("norm" in name or name.endswith("text_norm.weight")) and leaf == "weight":
+        return 1 + 0.1 * r
+    if p.ndim == 1:
+        return 0.05 * r
+    return r / math.sqrt(p[0].numel() if p.ndim > 1 else p.shape[-1])
+
+
 def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Deterministic weights: N(0, 1/fan_in) matrices, norms ≈ 1, biases small, Infinity's special tensors sane.
-
-    Drawn where the parameters live, from a generator on that device (CPU: the same numbers as always; a CUDA
-    generator draws other numbers from the same seed). Parameters on the meta device are left as they are (shapes
-    only)."""
-    params = list(module.named_parameters())
-    dev = params[0][1].device if params else torch.device("cpu")
-    if dev.type == "meta":
-        return module
-    g = torch.Generator(device=dev).manual_seed(seed)
-
-    def randn(p):
-        return torch.randn(p.shape, generator=g, device=dev)
-
-    for name, p in params:
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "scale_mul_1H11":
-            p.copy_(math.log(4.0) + 0.3 * randn(p))
-        elif leaf == "ada_gss":
-            p.copy_(0.25 * randn(p))
-        elif leaf == "cfg_uncond":
-            p.copy_(1.2 / math.sqrt(p.shape[-1]) * randn(p))
-        elif p.ndim == 1 and ("norm" in name or name.endswith("text_norm.weight")) and leaf == "weight":
-            p.copy_(1 + 0.1 * randn(p))
-        elif p.ndim == 1:
-            p.copy_(0.05 * randn(p))
-        else:
-            fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
-            p.copy_(randn(p) / math.sqrt(fan_in))
-    return module
+    """Deterministic weights by Infinity's rule (``varbench.weights.seeded_init_``: drawn on the parameters' device,
+    meta parameters left as shapes)."""
+    return weights.seeded_init_(module, seed, _init_rule)
 
 
 # ---------------------------------------------------------------- config

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import torch
 
+from varbench import weights
 from varbench.backbones.var.backbone import VARBackbone, VARSampling
 from varbench.backbones.var.model import VARTransformer
 from varbench.errors import UserError
 from varbench.msvq import VQVAE, fit_ema_buffer
-from varbench.weights import load_safetensors, resolve_files, state_dict_mismatch, weights_dir
+from varbench.weights import load_strict, read_state_dict, resolve_files, weights_dir
 
 ARCH_KEYS = ("depth", "embed_dim", "num_heads", "patch_nums")
 VAE_KEYS = ("vocab_size", "z_channels", "ch")
@@ -53,60 +53,27 @@ def new_modules(arch: dict, vae_cfg: dict) -> tuple[VARTransformer, VQVAE]:
 
 
 @torch.no_grad()
+def _init_rule(name: str, leaf: str, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """VAR's seeded weights: N(0, 1/fan_in) matrices, codebook and embeddings N(0, 1) (class/position embeddings
+    0.3), small biases, ``scale_mul_1H11`` ≈ log 4, GroupNorm weights ≈ 1."""
+    if leaf == "scale_mul_1H11":
+        return math.log(4.0) + 0.3 * r
+    if p.ndim == 1 and leaf == "weight":        # GroupNorm weights
+        return 1 + 0.1 * r
+    if p.ndim == 1:
+        return 0.05 * r
+    if name.endswith("embedding.weight"):
+        return r
+    if leaf in ("pos_start", "pos_1LC") or name.endswith(("class_emb.weight", "lvl_embed.weight")):
+        return 0.3 * r
+    if leaf == "ada_gss":
+        return 0.1 * r
+    return r / math.sqrt(p[0].numel())
+
+
 def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Deterministic weights for the random tiny model: N(0, 1/fan_in) matrices, codebook and embeddings N(0, 1)
-    (class/position embeddings 0.3), small biases, ``scale_mul_1H11`` ≈ log 4, GroupNorm weights ≈ 1."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        r = torch.randn(p.shape, generator=g)
-        if leaf == "scale_mul_1H11":
-            p.copy_(math.log(4.0) + 0.3 * r)
-        elif p.ndim == 1 and leaf == "weight":        # GroupNorm weights
-            p.copy_(1 + 0.1 * r)
-        elif p.ndim == 1:
-            p.copy_(0.05 * r)
-        elif name.endswith("embedding.weight"):
-            p.copy_(r)
-        elif leaf in ("pos_start", "pos_1LC") or name.endswith(("class_emb.weight", "lvl_embed.weight")):
-            p.copy_(0.3 * r)
-        elif leaf == "ada_gss":
-            p.copy_(0.1 * r)
-        else:
-            p.copy_(r / math.sqrt(p[0].numel()))
-    return module
-
-
-def read_state_dict(path: Path, trust_pickle: bool = False) -> dict:
-    """A .pth (``torch.load`` with weights_only unless trusted) or .safetensors file, floats as float32."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        sd = load_safetensors(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        except Exception as e:  # noqa: BLE001 - torch raises several kinds for a bad or pickled file
-            raise UserError(f"could not read {path} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''});"
-                            f" if it is a trusted pickle, set model.trust_pickle=true") from None
-    if not isinstance(sd, dict):
-        raise UserError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-
-
-def load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:
-    """``load_state_dict(strict=True)``; a mismatch is one line naming the first keys/shapes that differ."""
-    own = module.state_dict()
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(own[k].shape)}" for k in own
-              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise UserError(f"{what} does not match the model config: {len(missing)} missing {missing[:3]}, "
-                        f"{len(unexpected)} unexpected {unexpected[:3]}, shapes differ {shapes[:2]} -- check "
-                        f"model.arch / model.vae against the checkpoint")
-    try:
-        module.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{what}: {state_dict_mismatch(e)}") from None
+    """Deterministic weights by VAR's rule (``varbench.weights.seeded_init_``)."""
+    return weights.seeded_init_(module, seed, _init_rule)
 
 
 def sampling_from_config(s: dict) -> VARSampling:
