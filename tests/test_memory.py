@@ -85,6 +85,15 @@ def test_memory_columns_in_metrics_and_tables():
 
     heads = [h for _, h, _ in SPEED_COLUMNS]
     assert "KV MB↓" in heads and "peak MB↓" in heads
+    import pandas as pd
+
+    from varbench.results.tables import bench_columns, markdown
+
+    w = pd.DataFrame([{"model": "m", "bench": "b", "method": "none", "n": 2, "speedup": 1.0, "peak_mb": 9.0,
+                       "kv_mb": 3.0, "peak_mem_gb": 9 / 1024}])
+    quality, extra = bench_columns(w)
+    md = markdown(w, extra=extra, quality=quality)
+    assert "peak MB↓" in md and "| 9.0 |" in md and "peak_mem_gb" not in md    # one memory peak, in one unit
 
 
 def test_large_canvas_schedules_extend_the_official_table():

@@ -62,11 +62,16 @@ def quality_columns(w, prefixes: list[str]) -> list[str]:
     return out
 
 
+# metrics in the store that no table shows as a column: gflops (shown as the FLOP-ideal speedup), images (the n
+# column), peak_mem_gb (peak MB in GiB, kept for rows written before the memory columns)
+NOT_SHOWN = {"gflops", "images", "peak_mem_gb"}
+
+
 def bench_columns(w) -> tuple[list[str], list[str]]:
     """(quality, extra) of a (model, bench) table: each ``<bench>_overall`` and its parts first, the other non-speed
     metrics after the speed columns (``make_tables.py --model M --bench B`` and the report use this one choice)."""
     numeric = [c for c in w.columns if isinstance(c, str) and w[c].dtype.kind in "fi"]
-    quality = sorted(set(numeric) - {m for m, _, _ in SPEED_COLUMNS} - {"gflops", "images"})
+    quality = sorted(set(numeric) - {m for m, _, _ in SPEED_COLUMNS} - NOT_SHOWN)
     prefixes = sorted({c.rsplit("_", 1)[0] for c in quality if c.endswith("_overall")})
     first = quality_columns(w, prefixes)
     return first, [c for c in quality if c not in first]
@@ -77,7 +82,7 @@ def markdown(w, columns=SPEED_COLUMNS, extra: list[str] | None = None, quality: 
     from the rows (each method declares its own); a table whose speed rows come from several device types says so."""
     q = [(m, m.replace("_", " "), "{:.3f}") for m in (quality or []) if m in w.columns]
     known = {c[0] for c in columns} | {m for m, _, _ in q} | {"model", "bench", "method", "overrides", "run", "note",
-                                                                 "device", "gflops", "images"}
+                                                                 "device"} | NOT_SHOWN
     flags = [c for c in w.columns if isinstance(c, str) and c.endswith(STANDIN)]
     known |= set(flags)
     auto = [c for c in w.columns if isinstance(c, str) and c not in known and c not in (extra or [])]
