@@ -52,7 +52,7 @@ from varbench.errors import UserError  # noqa: E402  (light: no torch)
 
 INFINITY_METHODS = "none,nova,fastvar,skipvar,sparsevar,sparvar,toprovar"
 HART_METHODS = "none,nova,fastvar_hart,sparvar_hart"
-INFINITY_8B_METHODS = "none,nova,fastvar_8b"
+INFINITY_8B_METHODS = "none,nova,fastvar_8b,scalekv"   # scalekv: KV MB and peak memory where the cache is largest
 PIN = ["--set", "nova.t_star=6"]        # random weights: NOVA's entropy-driven t* is meaningless, pin it for timing
 STEPS = ("pytest", "infinity_2b", "hart", "infinity_8b")
 TARGETS = {"none_over_official": 1.0, "none_compile_over_official": 0.9, "nova_realized": 0.85,

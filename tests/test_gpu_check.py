@@ -95,7 +95,7 @@ def test_smoke_run_on_the_cpu_writes_the_report(tmp_path):
     py = steps["pytest"]["pytest"]
     assert py["tests"] > 0 and py["failures"] == py["errors"] == 0    # on a CPU: every gpu test skipped
     want = {"infinity_2b": ["none", "nova", "fastvar", "skipvar", "sparsevar", "sparvar", "toprovar"],
-            "hart": ["none", "nova", "fastvar_hart", "sparvar_hart"], "infinity_8b": ["none", "nova", "fastvar_8b"]}
+            "hart": ["none", "nova", "fastvar_hart", "sparvar_hart"], "infinity_8b": ["none", "nova", "fastvar_8b", "scalekv"]}
     for name, methods in want.items():
         rows = {row["run"]: row for row in steps[name]["bench"]["rows"]}
         assert set(methods) <= set(rows), (name, rows.keys())
