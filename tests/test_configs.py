@@ -54,3 +54,19 @@ def test_a_derived_config_replaces_a_schedule_instead_of_merging_it():
     assert build_method(compose("method=sparsevar", "method.ratios={64:0.1}")["method"]).cfg.ratios == {64: 0.1}
     m = build_method(compose("method=nova", "method.fixed_ratios={64:0.1}", "method.scale_linkage=false")["method"])
     assert m.cfg.fixed_ratios == {64: 0.1}
+
+
+def test_readme_methods_table_is_what_list_methods_prints():
+    """The README says its methods table is printed from the code "so it cannot drift": hold it to that (it had
+    drifted: the VAR configs were missing)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "scripts/list_methods.py"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    printed = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
+    lines = (REPO / "README.md").read_text().splitlines()
+    i = lines.index(printed[0])
+    assert lines[i:i + len(printed)] == printed and not lines[i + len(printed)].startswith("|"), \
+        "README's methods table differs from `python scripts/list_methods.py`: paste its output"
