@@ -323,6 +323,7 @@ class SparVAR(Method):
               "sparvar_cs4a_only: GUESS (L_b = depth − 1); other schedules: our mapping")
     Config = SparVARConfig
     NOOP = {"cs4a": False, "csla": False}  # neither module runs: every layer stays dense
+    needs_kv_positions = True              # key sets are token positions: a compressed cache is read through them
     cfg: SparVARConfig
 
     def reset(self) -> None:

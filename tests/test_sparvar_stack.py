@@ -26,6 +26,8 @@ def _gen(bb, m):
 class _Keys(Method):
     """Records, per (scale, layer), the keys the attention kernel receives and their token positions."""
 
+    needs_kv_positions = True
+
     def __init__(self, inner):
         super().__init__()
         self.inner, self.seen = inner, {}
@@ -80,6 +82,17 @@ def _key_at_append(m, s, li, r, h, g, n):
     """The key of grid token g of scale s in layer li, as the cache held it when scale s appended it (the last n)."""
     k = m.seen[(s, li)][0]
     return k[r, h, k.shape[2] - n + g]
+
+
+def test_positions_are_tracked_only_for_a_method_that_reads_them(bb):
+    class Plain(_Keys):
+        needs_kv_positions = False
+
+    m = Plain(build_method({"name": "scalekv"}))
+    _gen(bb, m)
+    assert all(pos is None for _, pos in m.seen.values())
+    assert build_method({"name": "stack", "methods": ["sparvar", "scalekv"]}).needs_kv_positions
+    assert not build_method({"name": "stack", "methods": ["nova", "scalekv"]}).needs_kv_positions
 
 
 def test_noop_compression_takes_the_position_path_and_changes_nothing(bb):

@@ -132,7 +132,8 @@ class LayerCtx:
     raw_query: Callable[[], torch.Tensor] | None = None   # set by the backbone's self-attention: this scale's raw q
     #                                  projection [rows, H, K, c] (no bias/norm/RoPE), computed when called
     kv_positions: torch.Tensor | None = None   # [rows|1, H|1, L] token position (scale offset + grid index) of each
-    #                                  key the kernel receives; None: key j is token j (nothing pruned or compressed)
+    #                                  key the kernel receives; None: key j is token j (nothing pruned or compressed),
+    #                                  or the method does not read positions (Method.needs_kv_positions False)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -152,6 +153,8 @@ class Method:
     FAMILIES: ClassVar[tuple[str, ...] | None] = None   # backbone families supported (None: all)
     granularity: ClassVar[str] = "block"   # "block": select once per block; "branch": before each branch
     batch_rectangular: ClassVar[bool] = True  # False: decisions are per image (the runner then uses batch 1)
+    needs_kv_positions: ClassVar[bool] = False  # True: the loop tracks each cached key's token position and hands it
+    #                                            to the kernels as lctx.kv_positions (SparVAR on a compressed cache)
 
     def __init__(self, cfg: MethodConfig | None = None):
         self.cfg = cfg if cfg is not None else self.Config()

@@ -80,9 +80,9 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
     ``compress_kv`` on the layer's cache. ``rec_kv``: [attended, kept, bytes] lists this layer appends to;
     ``rec_kept``: the first unit's kept token indices of row 0 (None: every token) are appended to it. ``kpos``:
     layer -> token positions of its cached keys (absent: key j is token j), kept up to date here and handed to the
-    kernels as ``lctx.kv_positions``; ``start``: the token position of this scale's first token."""
+    kernels as ``lctx.kv_positions`` — None when the method does not read them (``Method.needs_kv_positions``);
+    ``start``: the token position of this scale's first token."""
     units = [backbone.spec.branches] if method.granularity == "block" else [(b,) for b in backbone.spec.branches]
-    kpos = {} if kpos is None else kpos
     kv_before = kv.length
     lctx = LayerCtx(sctx, li, kv_len=kv_before, kv_segments=tuple(segs),
                     head_logits=lambda h: backbone.head(h, cond, scale),
@@ -112,14 +112,15 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
                 xk, pk = sel.gather(x), backbone.gather_positions(pos, sel)
         if xk.shape[1] > 0:  # K = 0: the unit is bypassed (no compute, no K/V); restore fills every token
             unit_kv = kv.length
-            lctx.kv_positions = _key_positions(kpos.get(li), unit_kv, start, sel, x.shape[1], x.device)
+            if kpos is not None:
+                lctx.kv_positions = _key_positions(kpos.get(li), unit_kv, start, sel, x.shape[1], x.device)
             for name in unit:
                 with prange("vb.block." + name):
                     xk = xk + backbone.branch(li, name, xk, pk, cond, kv, attn_fn, lctx)
             if kv.length != unit_kv:
                 if sel is not None:
                     new_pos = sel.keep_idx
-                if lctx.kv_positions is not None:
+                if kpos is not None and lctx.kv_positions is not None:
                     kpos[li] = lctx.kv_positions
         if sel is None:
             x = xk
@@ -127,7 +128,9 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
             with prange("vb.method.restore"):
                 x = method.restore(lctx, x, xk, sel)
         counts += [xk.shape[1]] * len(unit)
-    lctx.branch, lctx.kv_positions = None, kpos.get(li)   # the cache as it stands after the block
+    lctx.branch = None
+    if kpos is not None:
+        lctx.kv_positions = kpos.get(li)   # the cache as it stands after the block
     with prange("vb.block.after"):
         x = backbone.after_block(li, x, cond, scale)
     with prange("vb.method.after_layer"):
@@ -143,7 +146,8 @@ def _run_layer(backbone: Backbone, method: Method, li: int, x: torch.Tensor, pos
             edit = method.compress_kv(lctx, KVState(kv.k, kv.v, held.get("q"), attended - kv_before, new_pos,
                                                     tuple(segs), held.get("scale"), lctx.raw_query))
         if edit is not None:
-            kpos[li] = _edit_positions(kpos.get(li), kv.length, edit, kv.k.device)
+            if kpos is not None:
+                kpos[li] = _edit_positions(kpos.get(li), kv.length, edit, kv.k.device)
             _replace_kv(kv, *edit.apply(kv.k, kv.v))
     if mem is not None:
         mem.kv[li] = kv_bytes(kv)
@@ -177,7 +181,8 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
                     kv.capacity = 0
         mem = MemoryTracker(spec.depth)
         segs: list[list[int]] = [[] for _ in range(spec.depth)]
-        kpos: dict[int, torch.Tensor] = {}   # layer -> token positions of its cached keys, once they are not 0..L-1
+        # layer -> token positions of its cached keys, once they are not 0..L-1 (only for a method that reads them)
+        kpos: dict[int, torch.Tensor] | None = {} if method.needs_kv_positions else None
         scales = backbone.scales()
         schedule = tuple(ScaleInfo.of(s) for s in scales)
         method.start()
@@ -205,7 +210,8 @@ def generate(backbone: Backbone, conditions: list[Condition], method: Method | N
                 cond = backbone.cond_only(cond)
                 for kv in kvs:
                     kv.keep_rows(cond.rows)
-                kpos = {li: p[:cond.rows] for li, p in kpos.items()}
+                if kpos is not None:
+                    kpos = {li: p[:cond.rows] for li, p in kpos.items()}
                 rec.cond_only_from = info.si
                 sctx.rows = cond.rows
             rec.rows.append(cond.rows)

@@ -68,6 +68,7 @@ class Stack(Method):
         sel = self.owner.get("select")
         self.granularity = sel.granularity if sel is not None else "block"
         self.batch_rectangular = all(m.batch_rectangular for m in self.members)
+        self.needs_kv_positions = any(m.needs_kv_positions for m in self.members)
         fams = [set(type(m).FAMILIES) for m in self.members if type(m).FAMILIES is not None]
         if fams:   # the runner reads FAMILIES from the class: a subclass carrying the members' common families
             self.__class__ = type("Stack", (Stack,), {"FAMILIES": tuple(sorted(set.intersection(*fams)))})
