@@ -292,10 +292,14 @@ class SparVARConfig(MethodConfig):
     skip_last: int = 0                     # "+ skip 2": do not compute the last scales (decode accumulated codes)
     kernel: str = "auto"                   # auto (fast on CUDA) | reference | fast
     decision_flops: str = "triton"         # method FLOPs of the decision: triton (0.5·P + k) | cuda (1.5·P + k)
+    compressed_topk: str = "held"          # on a compressed cache (a stack with ScaleKV; no authors' code): k from the
+    #                                        keys the layer holds (held) | from the full cache's P, capped (full)
 
     def __post_init__(self):
         if self.kernel not in ("auto", "reference", "fast"):
             raise UserError(f"sparvar.kernel must be auto|reference|fast, got {self.kernel!r}")
+        if self.compressed_topk not in ("held", "full"):
+            raise UserError(f"sparvar.compressed_topk must be held|full, got {self.compressed_topk!r}")
         if self.decision_flops not in ("triton", "cuda"):
             raise UserError(f"sparvar.decision_flops must be triton|cuda, got {self.decision_flops!r}")
         if self.scale_anchor not in ("absolute", "decision"):
@@ -422,8 +426,10 @@ class SparVAR(Method):
     def _cs4a_decide_kernel(self, q, k, v, *, scale, mask=None, ctx=None):
         geo = self._geometry(ctx.scale)
         pos = self._check(q, k, ctx, geo)
-        P = k.shape[2]     # a compressed cache: the keys it holds (k = 20 % of those; our reading, README)
-        kk = topk_budget(P, self.cfg.topk_ratio, self.cfg.align)
+        P = k.shape[2]     # a compressed cache: the keys it holds (compressed_topk: held = 20 % of those; full = 20 %
+        #                    of the full cache's, capped at what is held; our reading, README)
+        P_k = geo["off"][ctx.si + 1] if pos is not None and self.cfg.compressed_topk == "full" else P
+        kk = min(P, topk_budget(P_k, self.cfg.topk_ratio, self.cfg.align))
         dense, I, sel = cs4a_decide(q, k, v, kk, self.cfg.group_size, scale)
         out = sdpa_attention(q, k, v, scale=scale) if self._fast(q) else dense.to(q.dtype)
         if pos is not None:   # the key sets are kept as token positions (what later scales' caches are indexed by)

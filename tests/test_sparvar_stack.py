@@ -202,3 +202,39 @@ def test_pruned_queries_or_pooled_keys_are_one_line(bb):
     lctx.kv_positions = torch.full((1, 1, P), -1)
     with pytest.raises(UserError, match="no token position"):
         kernel(torch.randn(2, bb.spec.num_heads, sched[si].n, 8), k, k, scale=1.0, ctx=lctx)
+
+
+@pytest.mark.parametrize("rule", ["held", "full"])
+def test_the_decision_top_k_on_a_compressed_cache_follows_compressed_topk(bb, rule):
+    """k at the decision scale: 20 % of the keys the layer holds (held, default) or of the full cache, capped (full);
+    the key sets are kept as token positions of keys the cache holds."""
+    from baselines.sparvar import topk_budget
+
+    m = build_method({"name": "stack", "methods": [{"name": "sparvar", "compressed_topk": rule}, "scalekv"]})
+    sv = m.members[0]
+    seen = {}
+    decide = sv._cs4a_decide_kernel
+
+    def spy(q, k, v, *, scale, mask=None, ctx=None):
+        out = decide(q, k, v, scale=scale, mask=mask, ctx=ctx)
+        seen[ctx.li] = (k.shape[2], sum(ctx.kv_segments) + q.shape[2], sv.state[ctx.li]["src"].clone(),
+                        ctx.kv_positions.clone())
+        return out
+
+    sv._cs4a_decide_kernel = spy
+    _gen(bb, m)
+    assert seen
+    for held, full, src, pos in seen.values():
+        assert held < full
+        want = topk_budget(held if rule == "held" else full, sv.cfg.topk_ratio, sv.cfg.align)
+        assert src.shape[-1] == min(held, want)
+        R, H = src.shape[:2]
+        for r in range(R):
+            for h in range(H):
+                have = set(pos.expand(R, H, -1)[r, h].tolist())
+                assert set(src[r, h].flatten().tolist()) <= have
+
+
+def test_compressed_topk_is_checked():
+    with pytest.raises(UserError, match="compressed_topk must be held|full"):
+        build_method({"name": "sparvar", "compressed_topk": "some"})
