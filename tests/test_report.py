@@ -25,7 +25,7 @@ HW = [[1, 1], [2, 2], [4, 4]]
 
 
 def make_run(root: Path, method: str, tag: str, mcfg: dict, shift: int, rows: dict, prompts=("a cat", "a dog"),
-             kept=False) -> str:
+             kept=False, kv=None) -> str:
     d = root / "runs" / "toy" / "shapes" / method / tag
     (d / "images").mkdir(parents=True)
     meta = {"config": {"method": {"name": method, **mcfg}}, "run_id": method + tag, "device_name": "cpu:test"}
@@ -42,6 +42,8 @@ def make_run(root: Path, method: str, tag: str, mcfg: dict, shift: int, rows: di
         rec = {"index": i, "prompt": p, "seed": i, "image": f"{i:05d}.png", "time_per_image_s": 0.1 * (i + 1),
                "tokens": tokens, "scale_n": [h * w for h, w in HW], "scale_hw": HW, "rows": [2, 2, 2],
                "method_summary": {}}
+        if kv is not None:      # KV bytes per (scale, layer) of image i: kv(i)
+            rec["kv_bytes"] = kv(i)
         if method == "nova":
             rec["method_summary"] = {"entropy_per_scale": [0.5, 1.0 + i, 1.2], "t_star": 1 if i else None,
                                      "ratios": {"2": [0.5, 0.25]}}
@@ -285,3 +287,25 @@ def test_varbench_report_dispatches_before_hydra(results, tmp_path, capsys):
         varbench_main(["report", "--root", str(results), "--out", str(tmp_path / "site"), "--no-progress"])
     assert e.value.code == 0 and (tmp_path / "site" / "index.html").is_file()
     assert "stale removed" in capsys.readouterr().out
+
+
+def test_bench_page_draws_the_kv_cache_each_run_holds(tmp_path):
+    """The memory figure: per run, KV bytes after each scale summed over layers, mean over images, in MiB; runs that
+    recorded none (older records) are left out."""
+    root = tmp_path / "results"
+    mb = 2**20
+    make_run(root, "none", "default", {}, 0, {"speedup": 1.0, "shapes_overall": 0.9},
+             kv=lambda i: [[1 * mb, 1 * mb], [3 * mb, 3 * mb], [8 * mb, 8 * mb]])
+    make_run(root, "scalekv", "default", {"family": "scalekv"}, 2, {"speedup": 1.1, "shapes_overall": 0.8},
+             kv=lambda i: [[1 * mb, 1 * mb], [2 * mb, (1 + i) * mb], [2 * mb, 2 * mb]])
+    make_run(root, "fastvar", "default", {"family": "fastvar"}, 4, {"speedup": 1.3, "shapes_overall": 0.7})
+    runs = [B.Run(r, "toy", "shapes", m, m, "default", None, None, None, "", m,
+                  records={i: json.loads(ln) for i, ln in enumerate(
+                      (root / r / "records.jsonl").read_text().splitlines())})
+            for r, m in (("runs/toy/shapes/none/default", "none"), ("runs/toy/shapes/scalekv/default", "scalekv"),
+                         ("runs/toy/shapes/fastvar/default", "fastvar"))]
+    assert B.kv_curves(runs) == {"none": [2.0, 6.0, 16.0], "scalekv": [2.0, 3.5, 4.0]}
+    out = build(root, progress=False)["out"]
+    page = next(out.glob("bench-*.html")).read_text()
+    m = re.search(r'<h2>Memory</h2>\s*<figure>\s*<a href="(plots/kv-[^"]+\.png)"', page)
+    assert m and (out / m.group(1)).is_file()

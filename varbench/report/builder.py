@@ -29,7 +29,7 @@ from varbench.results import paper, store, tables
 from varbench.results.fidelity import load_rgb, psnr_ssim
 from varbench.results.speed import PSNR_CAP, _tokens
 
-VERSION = "2"          # part of every figure's content hash: bump when a drawing changes
+VERSION = "3"          # part of every figure's content hash: bump when a drawing changes
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 CACHE = ".report_cache.json"
 METHOD_KEYS_IGNORED = ("name", "footnote")
@@ -340,8 +340,17 @@ class Builder:
         plots = self.pareto_plots(w, model, bench, ordered, quality)
         grid = self.grid(ordered, ref)
         ptables = [t for t in (paper_table(n, df, model) for n in sorted(paper.TABLES)) if t.rows]
+        kv = kv_curves(ordered)
+        memory = None
+        if kv:
+            d = {"curves": kv}
+            memory = self.figure(f"kv-{safe(model)}-{safe(bench)}-{short_hash(model + '/' + bench)}", d,
+                                 lambda s, d=d: figures.lines(s, f"{model} / {bench}: KV cache held after each scale",
+                                                              d["curves"], "scale", "KV cache (MiB, all layers)")) | {
+                "caption": "KV-cache bytes each run holds once a scale is done (after any compression), summed over "
+                           "layers, mean over the images (the records' kv_bytes)."}
         self.render("bench.html", name, title=f"{model} / {bench}", table=table, plots=plots, grid=grid,
-                    ref=ref.label if ref else None, model=model, bench=bench, paper_tables=ptables)
+                    ref=ref.label if ref else None, model=model, bench=bench, paper_tables=ptables, memory=memory)
         return {"model": model, "bench": bench, "page": name, "runs": len(ordered),
                 "methods": ", ".join(dict.fromkeys(r.method for r in ordered)), "plot": plots[0] if plots else None}
 
@@ -510,6 +519,19 @@ def _token_fraction(recs: list[dict]) -> list[list[float]]:
         return []
     S, L = len(mats[0]), len(mats[0][0]) if mats[0] else 0
     return [[sum(m[s][li] for m in mats) / len(mats) for li in range(L)] for s in range(S)]
+
+
+def kv_curves(runs: list[Run]) -> dict[str, list[float]]:
+    """KV cache held after each scale, MiB (the records' ``kv_bytes``: per (scale, layer) after any compression,
+    summed over layers), mean over a run's images; one curve per run that recorded it."""
+    out = {}
+    for r in runs:
+        per = [rec["kv_bytes"] for rec in r.records.values() if rec.get("kv_bytes")]
+        if not per:
+            continue
+        S = min(len(p) for p in per)
+        out[r.label] = [sum(sum(p[si]) for p in per) / len(per) / 2**20 for si in range(S)]
+    return out
 
 
 def _mean_matrix(dicts: list[dict | None]) -> tuple[list[str], list[list[float | None]]] | None:

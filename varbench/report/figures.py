@@ -152,6 +152,22 @@ def curves_and_bars(stem: Path, title: str, curves: list[dict], curve_label: tup
     return _save(fig, stem)
 
 
+def lines(stem: Path, title: str, curves: dict[str, list[float]], xlabel: str, ylabel: str) -> list[Path]:
+    """One line per label over x = 0, 1, ... (e.g. the KV cache each run holds after each scale)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (label, ys) in enumerate(curves.items()):     # ten colours, then the next line style
+        ax.plot(range(len(ys)), ys, marker="os^"[i // 10 % 3], markersize=3, linewidth=1.2, label=label,
+                color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
 def kept_masks(stem: Path, title: str, image_path: Path, masks: list[tuple[str, list[list[bool]]]],
                cols: int) -> list[Path]:
     """Kept-token masks overlaid on the image: one panel per (scale, layer), dropped tokens darkened (the mask, at the
