@@ -145,8 +145,11 @@ def tiles_to_elements(tiles: torch.Tensor, tile: int, N: int, P: int) -> torch.T
 
 
 # ------------------------------------------------------------------ kernels (shared helpers)
-def _masked_softmax_attn(q, k, v, scale: float, vis) -> torch.Tensor:
-    """Exact softmax attention restricted to ``vis`` (broadcastable bool, True = visible), fp32."""
+def _masked_softmax_attn(q, k, v, scale: float, vis, sdpa: bool = False) -> torch.Tensor:
+    """Exact softmax attention restricted to ``vis`` (broadcastable bool, True = visible), fp32; ``sdpa``: the same
+    through ``scaled_dot_product_attention`` with the mask (no materialised scores on a GPU; the dtype of q)."""
+    if sdpa:
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=vis, scale=scale).float()
     s = torch.einsum("bhqc,bhkc->bhqk", q.float(), k.float()) * scale
     s = s.masked_fill(~vis, float("-inf"))
     return torch.einsum("bhqk,bhkc->bhqc", s.softmax(-1), v.float())
@@ -176,14 +179,14 @@ def _gather_keys(k, idx):
 
 
 def cs4a_sparse_reference(q, k, v, J, group: int, scale: float, pos: torch.Tensor | None = None,
-                          counts: list | None = None) -> torch.Tensor:
+                          counts: list | None = None, sdpa: bool = False) -> torch.Tensor:
     """Softmax over each query group's key set J[:, :, g] (token positions), fp32; chunked per group. ``pos``: the
     token position of each cached key (a compressed cache: keys of J it dropped are not attended); ``counts``
     gets, per group, the mean number of keys a query attended (over rows and heads)."""
     out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=torch.float32)
     for g, sl in _group_slices(q.shape[2], group):
         vis = _key_mask(J[:, :, g], k.shape[2], pos)
-        out[:, :, sl] = _masked_softmax_attn(q[:, :, sl], k, v, scale, vis)
+        out[:, :, sl] = _masked_softmax_attn(q[:, :, sl], k, v, scale, vis, sdpa)
         if counts is not None:
             counts.append((sl.stop - sl.start) * float(vis.sum(-1).float().mean()))
     return out
@@ -218,7 +221,7 @@ def cs4a_decide(q, k, v, kk: int, group: int, scale: float):
 
 
 def csla_reference(q, k, v, tiles, tile: int, scale: float, pos: torch.Tensor | None = None,
-                   P_full: int | None = None) -> torch.Tensor:
+                   P_full: int | None = None, sdpa: bool = False) -> torch.Tensor:
     """Exact softmax over the keys of each query's active tiles (element mask expanded from tiles), per tile row.
     ``pos`` [rows|1, H|1, P]: the token position of each cached key (a compressed cache; the tiles are over the
     ``P_full`` token positions)."""
@@ -228,7 +231,7 @@ def csla_reference(q, k, v, tiles, tile: int, scale: float, pos: torch.Tensor | 
     for t in range(tiles.shape[0]):
         sl = slice(t * tile, min(N, (t + 1) * tile))
         vis = el[sl][None, None] if pos is None else el[sl][:, pos].permute(1, 2, 0, 3)
-        out[:, :, sl] = _masked_softmax_attn(q[:, :, sl], k, v, scale, vis)
+        out[:, :, sl] = _masked_softmax_attn(q[:, :, sl], k, v, scale, vis, sdpa)
     return out
 
 
@@ -459,9 +462,10 @@ class SparVAR(Method):
                        runs[None, None].expand(rows, q.shape[1], -1, -1)], -1)
         st["src"] = J
         counts: list = []
-        if pos is not None:   # a compressed cache: J ∩ the keys it holds (masked reference; the gather needs all J)
-            out = cs4a_sparse_reference(q, k, v, J, self.cfg.group_size, scale, pos, counts)
-            self.kernels["cs4a"] = "reference (compressed cache)"
+        if pos is not None:   # a compressed cache: J ∩ the keys it holds, a mask per query group (the gather needs
+            #                   all of J); fast: SDPA with that mask
+            out = cs4a_sparse_reference(q, k, v, J, self.cfg.group_size, scale, pos, counts, self._fast(q))
+            self.kernels["cs4a"] = ("masked_sdpa" if self._fast(q) else "reference") + " (compressed cache)"
         elif self._fast(q):
             out = cs4a_sparse_gather(q, k, v, J, self.cfg.group_size, scale)
             self.kernels["cs4a"] = "gather_sdpa"
@@ -497,9 +501,10 @@ class SparVAR(Method):
         self.density[si] = float(tiles.float().mean())
         self.keys.setdefault("csla", {})[si] = keys
         ctx.attn_keys = keys
-        if pos is not None:   # tiles are over token positions; a compressed cache is not laid out in them
-            self.kernels["csla"] = "reference (compressed cache)"
-            return csla_reference(q, k, v, tiles, self.cfg.tile, scale, pos, P).to(q.dtype)
+        if pos is not None:   # tiles are over token positions; a compressed cache is not laid out in them: a mask
+            #                   per tile row (fast: SDPA with it)
+            self.kernels["csla"] = ("masked_sdpa" if self._fast(q) else "reference") + " (compressed cache)"
+            return csla_reference(q, k, v, tiles, self.cfg.tile, scale, pos, P, self._fast(q)).to(q.dtype)
         if self._fast(q):
             bkey = (si, str(q.device))
             if bkey not in geo["bm"]:

@@ -141,7 +141,8 @@ def _cache(seed=0, R=2, H=2, P_full=40, keep=25, n=12, c=4):
     return q, torch.randn(R, H, L, c, generator=g), torch.randn(R, H, L, c, generator=g), pos
 
 
-def test_cs4a_on_a_compressed_cache_is_the_softmax_over_its_sets_kept_keys():
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_cs4a_on_a_compressed_cache_is_the_softmax_over_its_sets_kept_keys(sdpa):
     q, k, v, pos = _cache()
     R, H, n, _ = q.shape
     group, G = 5, 3
@@ -149,7 +150,7 @@ def test_cs4a_on_a_compressed_cache_is_the_softmax_over_its_sets_kept_keys():
     J = torch.stack([torch.stack([torch.stack([torch.randperm(40, generator=g)[:15].sort().values for _ in range(G)])
                                   for _ in range(H)]) for _ in range(R)])        # token positions per group
     counts: list = []
-    out = cs4a_sparse_reference(q, k, v, J, group, 0.7, pos, counts)
+    out = cs4a_sparse_reference(q, k, v, J, group, 0.7, pos, counts, sdpa)
     seen = []
     for r in range(R):
         for h in range(H):
@@ -162,14 +163,15 @@ def test_cs4a_on_a_compressed_cache_is_the_softmax_over_its_sets_kept_keys():
     assert abs(sum(counts) / n - sum(seen) / len(seen)) < 1e-4     # mean keys per query (FLOP count)
 
 
-def test_csla_on_a_compressed_cache_is_the_softmax_over_its_tiles_kept_keys():
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_csla_on_a_compressed_cache_is_the_softmax_over_its_tiles_kept_keys(sdpa):
     q, k, v, pos = _cache(seed=2)
     R, H, n, _ = q.shape
     tile, P_full = 4, 40
     g = torch.Generator().manual_seed(3)
     tiles = torch.rand(math.ceil(n / tile), P_full // tile, generator=g) < 0.5
     tiles[:, -1] = True                                   # every query sees its own scale's last tile
-    out = csla_reference(q, k, v, tiles, tile, 0.5, pos, P_full)
+    out = csla_reference(q, k, v, tiles, tile, 0.5, pos, P_full, sdpa)
     el = tiles_to_elements(tiles, tile, n, P_full)
     seen = []
     for r in range(R):
@@ -238,3 +240,11 @@ def test_the_decision_top_k_on_a_compressed_cache_follows_compressed_topk(bb, ru
 def test_compressed_topk_is_checked():
     with pytest.raises(UserError, match="compressed_topk must be held|full"):
         build_method({"name": "sparvar", "compressed_topk": "some"})
+
+
+def test_the_fast_kernels_on_a_compressed_cache_are_masked_sdpa(bb):
+    m = build_method({"name": "stack", "methods": [{"name": "sparvar", "kernel": "fast"}, "scalekv"]})
+    out = _gen(bb, m)
+    kernels = out.method_summary["members"]["sparvar"]["kernels"]
+    assert kernels["cs4a"] == kernels["csla"] == "masked_sdpa (compressed cache)"
+    assert torch.isfinite(out.images).all()
