@@ -154,6 +154,29 @@ def test_sparvar_fast_kernels_equal_masked_reference_on_cuda(dtype):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sparvar_masked_sdpa_on_a_compressed_cache_equals_the_reference_on_cuda(dtype, device="cuda"):
+    """SparVAR in a stack with ScaleKV: the masked SDPA kernels (kernel=fast) against the masked references, with
+    keys at token positions that differ per row and head (tests/test_sparvar_stack.py: the same on the CPU)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    q = torch.randn(2, 2, 100, 16, generator=g, device=device, dtype=dtype)
+    k = torch.randn(2, 2, 180, 16, generator=g, device=device, dtype=dtype)
+    v = torch.randn(2, 2, 180, 16, generator=g, device=device, dtype=dtype)
+    pos = torch.rand(2, 2, 255, generator=g, device=device)[..., :155].argsort(-1)[..., :80].sort(-1).values
+    pos = torch.cat((pos, torch.arange(155, 255, device=device).expand(2, 2, -1)), -1)   # 80 kept + this scale's 100
+    J = torch.cat((torch.rand(2, 2, 2, 155, generator=g, device=device).topk(60, -1).indices,
+                   torch.arange(155, 255, device=device).expand(2, 2, 2, -1)), -1)
+    ref = cs4a_sparse_reference(q, k, v, J, 64, 0.5, pos)
+    torch.testing.assert_close(cs4a_sparse_reference(q, k, v, J, 64, 0.5, pos, None, True), ref, atol=tol, rtol=tol)
+    tiles = torch.rand(4, 8, generator=g, device=device) < 0.4
+    tiles[:, -1] = True
+    ref = csla_reference(q, k, v, tiles, 32, 0.5, pos, 255)
+    torch.testing.assert_close(csla_reference(q, k, v, tiles, 32, 0.5, pos, 255, True), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_sparvar_fast_kernels_end_to_end_on_cuda():
     """kernel=auto picks the fast kernels on CUDA; they give the masked reference's image (fp32) and key counts."""
     bb = cuda_backbone("tiny_random", "fp32")
