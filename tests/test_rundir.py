@@ -72,6 +72,24 @@ def test_a_second_writer_on_the_same_shard_is_refused(tmp_path):
     RunDir(tmp_path / "run", Shard(0, 2)).open(_ident(), {})    # released: fine again
 
 
+def test_a_shard_starting_while_another_writes_meta_is_not_refused(tmp_path):
+    """Two workers of one run (torchrun / SLURM array): while shard 1 writes meta.json (its lock taken, the atomic
+    write's temp file present, meta.json not yet renamed into place) shard 0 starts. It must not take the folder for a
+    foreign one (CI saw this race once: "is not empty and holds no varbench run")."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / ".lock.shard1of2").write_text("pid 1")
+    (d / f".meta.json.{os.getpid() + 1}.tmp").write_text('{"identity": {}')     # half-written by the other worker
+    rd = RunDir(d, Shard(0, 2))
+    rd.open(_ident(), {})
+    rd.unlock()
+    assert json.loads((d / "meta.json").read_text())["run_id"] == run_id(_ident())
+    (d / "notes.txt").write_text("mine")                                          # a user's file: still refused
+    (d / "meta.json").unlink()
+    with pytest.raises(UserError, match="holds no varbench run"):
+        RunDir(d, Shard(0, 2)).open(_ident(), {})
+
+
 def _run(args, env_root, **kw):
     env = dict(os.environ, VARBENCH_RESULTS=str(env_root))
     return subprocess.Popen([sys.executable, "run.py", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

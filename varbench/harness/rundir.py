@@ -188,7 +188,7 @@ class RunDir:
         line naming the file, unless ``code_change="keep"`` (then the new fingerprint is recorded)."""
         self.check(ident)                     # before anything is created: a mismatch costs nothing
         if not self.meta_path().exists() and self.path.is_dir() and \
-                any(not p.name.startswith(".lock") for p in self.path.iterdir()):
+                any(not self._own_bookkeeping(p.name) for p in self.path.iterdir()):
             raise UserError(f"{self.path} is not empty and holds no varbench run (no meta.json): refusing to write "
                             f"into it; pick an empty or new folder for run_dir")
         try:
@@ -216,6 +216,11 @@ class RunDir:
         meta = (old or {}) | extra | {"identity": ident, "run_id": run_id(ident)}
         meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_json(self.meta_path(), meta)
+
+    def _own_bookkeeping(self, name: str) -> bool:
+        """Files another worker of this run writes before meta.json is in place: its lock and the atomic write's
+        temp file (``varbench.io``: ``.meta.json.<pid>.tmp``, renamed into place)."""
+        return name.startswith(".lock") or (name.startswith(f".{self.meta_path().name}.") and name.endswith(".tmp"))
 
     def lock(self, wait: bool = False) -> None:
         p = self.path / f".lock{self.shard.suffix}"
