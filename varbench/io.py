@@ -25,6 +25,11 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def is_temp_of(name: str, path: Path) -> bool:
+    """Is ``name`` (in ``path``'s folder) an atomic write of ``path`` under way, by any process?"""
+    return name.startswith(f".{Path(path).name}.") and name.endswith(".tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

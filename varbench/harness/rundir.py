@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from varbench.errors import UserError
-from varbench.io import append_jsonl, iter_jsonl, write_json
+from varbench.io import append_jsonl, is_temp_of, iter_jsonl, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -220,7 +220,7 @@ class RunDir:
     def _own_bookkeeping(self, name: str) -> bool:
         """Files another worker of this run writes before meta.json is in place: its lock and the atomic write's
         temp file (``varbench.io``: ``.meta.json.<pid>.tmp``, renamed into place)."""
-        return name.startswith(".lock") or (name.startswith(f".{self.meta_path().name}.") and name.endswith(".tmp"))
+        return name.startswith(".lock") or is_temp_of(name, self.meta_path())
 
     def lock(self, wait: bool = False) -> None:
         p = self.path / f".lock{self.shard.suffix}"
