@@ -45,7 +45,7 @@ def _replace_kv(kv: Any, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _cat_positions(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Concatenate [r|1, h|1, L] position tables along L, broadcasting rows and heads."""
-    shape = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
+    shape = torch.broadcast_shapes(a.shape[:2], b.shape[:2])
     return torch.cat((a.expand(*shape, -1), b.expand(*shape, -1)), -1)
 
 
@@ -67,7 +67,7 @@ def _edit_positions(p: torch.Tensor | None, length: int, edit: Any, device) -> t
         return torch.full((1, 1, edit.k.shape[2]), -1, dtype=torch.long, device=device)
     p = torch.arange(length, device=device)[None, None] if p is None else p.to(device)
     idx = edit.keep_idx.to(device)
-    shape = (max(p.shape[0], idx.shape[0]), max(p.shape[1], idx.shape[1]))
+    shape = torch.broadcast_shapes(p.shape[:2], idx.shape[:2])
     return p.expand(*shape, -1).gather(2, idx.expand(*shape, -1))
 
 
