@@ -160,14 +160,13 @@ def _group_slices(n: int, group: int):
         yield g, slice(g * group, min(n, (g + 1) * group))
 
 
-def _key_mask(idx, P: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+def _key_mask(idx, P: int, pos: torch.Tensor | None = None, n_tokens: int = 0) -> torch.Tensor:
     """[rows, H, K] token positions -> bool [rows, H, 1, P] over the cache: key j is visible when its token position
-    (``pos`` [rows|1, H|1, P]; None: j) is in ``idx``."""
-    n = P if pos is None else int(pos.max()) + 1
-    m = torch.zeros(*idx.shape[:2], max(n, int(idx.max()) + 1), dtype=torch.bool, device=idx.device)
+    (``pos`` [rows|1, H|1, P], each below ``n_tokens``; None: j) is in ``idx``."""
+    m = torch.zeros(*idx.shape[:2], P if pos is None else n_tokens, dtype=torch.bool, device=idx.device)
     m = m.scatter_(2, idx, True)
     if pos is None:
-        return m[:, :, None, :P]
+        return m[:, :, None]
     return m.gather(2, pos.expand(*idx.shape[:2], -1))[:, :, None]
 
 
@@ -184,8 +183,9 @@ def cs4a_sparse_reference(q, k, v, J, group: int, scale: float, pos: torch.Tenso
     token position of each cached key (a compressed cache: keys of J it dropped are not attended); ``counts``
     gets, per group, the mean number of keys a query attended (over rows and heads)."""
     out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=torch.float32)
+    n_tokens = 0 if pos is None else int(torch.maximum(pos.max(), J.max())) + 1    # one device sync per call
     for g, sl in _group_slices(q.shape[2], group):
-        vis = _key_mask(J[:, :, g], k.shape[2], pos)
+        vis = _key_mask(J[:, :, g], k.shape[2], pos, n_tokens)
         out[:, :, sl] = _masked_softmax_attn(q[:, :, sl], k, v, scale, vis, sdpa)
         if counts is not None:
             counts.append((sl.stop - sl.start) * float(vis.sum(-1).float().mean()))
@@ -236,10 +236,12 @@ def csla_reference(q, k, v, tiles, tile: int, scale: float, pos: torch.Tensor | 
 
 
 def csla_keys_per_query(tiles, tile: int, N: int, pos: torch.Tensor, P_full: int) -> float:
-    """Mean keys a query attends under CSLA on a compressed cache (rows, heads and queries averaged)."""
-    el = tiles_to_elements(tiles.to(pos.device), tile, N, P_full).float()     # [N, P_full]
-    present = torch.zeros(*pos.shape[:2], P_full, device=pos.device).scatter_(2, pos, 1.0)   # [r, h, P_full]
-    return float((present @ el.T).mean())
+    """Mean keys a query attends under CSLA on a compressed cache (rows, heads and queries averaged): per row and
+    head, the cached keys in each tile column, summed over the query's active tiles (no element mask built)."""
+    cols = torch.zeros(*pos.shape[:2], tiles.shape[1], device=pos.device)
+    cols.scatter_add_(2, pos // tile, torch.ones(pos.shape, device=pos.device))      # [r, h, tile columns]
+    rows = torch.tensor([min(N, (i + 1) * tile) - i * tile for i in range(tiles.shape[0])], device=pos.device)
+    return float((torch.einsum("nt,rht->rhn", tiles.to(pos.device).float(), cols) * rows).sum(-1).mean() / N)
 
 
 _FLEX = {}
