@@ -130,7 +130,7 @@ def test_profiling_ranges_off_by_default_and_breakdown_is_exclusive():
 
 
 def test_static_kv_cache_equals_concatenation_and_falls_back_when_full():
-    from varbench.backbones.infinity.model import KVCache
+    from varbench.kvcache import KVCache
 
     g = torch.Generator().manual_seed(0)
     parts = [(torch.randn(2, 2, n, 4, generator=g), torch.randn(2, 2, n, 4, generator=g)) for n in (1, 4, 16)]

@@ -11,10 +11,11 @@ from conftest import REPO, compose_method, shared_path
 from varbench.backbones.hart.check_config import compare_layout, layout, meta_modules
 from varbench.backbones.hart.check_config import main as check_config_main
 from varbench.backbones.hart.load import TF_DEFAULTS, TF_FIXED, TF_KEYS, VAE_FIXED, VAE_KEYS, config_mismatches
-from varbench.backbones.hart.model import KVCache, image_coords, rope_1d, rope_2d
+from varbench.backbones.hart.model import image_coords, rope_1d, rope_2d
 from varbench.errors import MissingWeights
 from varbench.harness.registry import build_backbone, build_method
 from varbench.hooks import Method
+from varbench.kvcache import KVCache
 from varbench.loop import generate
 
 

@@ -163,7 +163,7 @@ def test_records_are_complete(tiny_backbone):
 def test_pruned_tokens_get_input_plus_interpolated_residual_and_kept_tokens_the_block_output(tiny_backbone):
     """At one (scale, layer): pruned outputs = input + Interp(Cache_{t-1}); kept outputs = the block run on the
     kept tokens with the same KV context (Eqs. 14-16)."""
-    from varbench.backbones.infinity.model import KVCache
+    from varbench.kvcache import KVCache
     from varbench.tokens import resize_grid
 
     target = (7, 2)

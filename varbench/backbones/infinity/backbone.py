@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from varbench.backbones.base import BackboneSpec, text_conditions
-from varbench.backbones.infinity.model import NORM_EPS, InfinityTransformer, KVCache, TextMemory
+from varbench.backbones.infinity.model import NORM_EPS, InfinityTransformer, TextMemory
 from varbench.backbones.infinity.schedules import Schedule, rope_cos_sin, rope_positions
 from varbench.backbones.infinity.vae import BSQVAE, bits_to_codes
 from varbench.entropy import bitwise_entropy_from_delta
+from varbench.kvcache import KVCache
 
 
 @dataclass
