@@ -77,6 +77,16 @@ def state_dict_mismatch(err: Exception) -> str:
 
 def read_state_dict(path: Path, trust_pickle: bool = False) -> dict:
     """A .pth (``torch.load`` with weights_only unless trusted) or .safetensors file, floats as float32."""
+    return as_float32(load_checkpoint(path, trust_pickle))
+
+
+def as_float32(sd: dict) -> dict:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def load_checkpoint(path: Path, trust_pickle: bool = False) -> dict:
+    """The dict a .pth (``torch.load`` with weights_only unless trusted) or .safetensors file holds, as stored; an
+    unreadable file or one that holds no dict is one line."""
     path = Path(path)
     if path.suffix == ".safetensors":
         sd = load_safetensors(path)
@@ -88,7 +98,7 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict:
                             f" if it is a trusted pickle, set model.trust_pickle=true") from None
     if not isinstance(sd, dict):
         raise UserError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    return sd
 
 
 def load_strict(module: torch.nn.Module, sd: dict, what: str, hint: str = "check model.arch / model.vae against "

@@ -39,17 +39,10 @@ def read_state_dict(path: Path, key: str | None = None, trust_pickle: bool = Fal
         for s in shards:
             sd.update(read_state_dict(path / s, None, trust_pickle))
         return sd
-    if path.suffix == ".safetensors":
-        sd = load_safetensors(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"could not read {path} with weights_only=True ({type(e).__name__}); if you trust the "
-                            f"file, set model.trust_pickle=true") from None
+    sd = weights.load_checkpoint(path, trust_pickle)
     if key is not None and key in sd:
         sd = sd[key]
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    return weights.as_float32(sd)
 
 
 def load_transformer_state(model: InfinityTransformer, sd: dict) -> None:
